@@ -1,0 +1,7 @@
+"""Graph passes, one per file, each registered by name on import (see ``qcompile.pass_infra``)."""
+
+from __future__ import annotations
+
+from qcompile.passes import pack_weights, quantize_weights_rtn  # noqa: F401
+
+__all__ = ["pack_weights", "quantize_weights_rtn"]

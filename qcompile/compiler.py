@@ -1,0 +1,122 @@
+"""``compile``: load -> capture -> passes -> re-capture -> lower -> bundle.
+
+:func:`build_stages` is the in-memory half (shared with ``verify``, which rebuilds the torch
+stages of the parity ladder from the bundle's source and recipe); :func:`compile_bundle` adds
+lowering and the atomic bundle write. Every check that can fail on user input runs before the
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pathlib
+import time
+
+import torch
+
+from qcompile import __version__
+from qcompile.bundle import atomic_directory, check_output, directory_bytes, write_report
+from qcompile.capture import LOGITS_SIGNATURE, capture
+from qcompile.console import console, step
+from qcompile.lowering.export_onnx import DATA_FILE, MODEL_FILE, export_onnx
+from qcompile.lowering.targets import Target, get_target
+from qcompile.models import LoadedModel, load_model
+from qcompile.pass_infra import PassContext, run_passes
+from qcompile.recipes import Recipe, load_recipe
+
+__all__ = ["Stages", "build_stages", "compile_bundle", "prepare_request"]
+
+
+@dataclasses.dataclass
+class Stages:
+    """The torch stages of the parity ladder, each callable as ``(input_ids, attention_mask)``."""
+
+    loaded: LoadedModel
+    eager: torch.nn.Module
+    exported: torch.nn.Module
+    snapshots: dict[str, torch.nn.Module]
+    final: torch.fx.GraphModule
+    program: torch.export.ExportedProgram
+    context: PassContext
+
+
+def prepare_request(recipe_name: str, target_name: str) -> tuple[Recipe, Target]:
+    """Validate recipe and target together (cheap; before any model is loaded)."""
+    recipe = load_recipe(recipe_name)
+    target = get_target(target_name)
+    target.check(recipe)
+    return recipe, target
+
+
+def build_stages(
+    loaded: LoadedModel, recipe: Recipe, keep_snapshots: bool, timings: dict
+) -> Stages:
+    """Capture ``loaded`` and run ``recipe``'s passes; optionally keep per-stage copies."""
+    with step("capturing with torch.export", timings, "capture_s"):
+        program = capture(loaded.model)
+        module = program.module()
+    exported = copy.deepcopy(module) if keep_snapshots else None
+    context = PassContext(loaded.model_type, loaded.config, model=loaded.model)
+    snapshots: dict[str, torch.nn.Module] = {}
+
+    def snapshot(stage: str, gm: torch.fx.GraphModule) -> None:
+        if keep_snapshots:
+            snapshots[stage] = copy.deepcopy(gm)
+
+    with step(f"running recipe {recipe.name} ({len(recipe.steps)} passes)", timings, "passes_s"):
+        module = run_passes(module, recipe.instantiate(context), on_stage=snapshot)
+    if recipe.steps:
+        with step("re-capturing the quantized program", timings, "recapture_s"):
+            program = capture(module)
+    return Stages(loaded, loaded.model, exported, snapshots, module, program, context)
+
+
+def _report(loaded, recipe, target, stages, accuracy_level, timings, bundle) -> dict:
+    model_bytes = sum(
+        (bundle / f).stat().st_size for f in (MODEL_FILE, DATA_FILE) if (bundle / f).exists()
+    )
+    return {
+        "qcompile_version": __version__,
+        "source": {"path": loaded.source, "kind": loaded.source_kind,
+                   "model_type": loaded.model_type},
+        "recipe": recipe.to_dict(),
+        "target": {"name": target.name, "opset": 21, "accuracy_level": accuracy_level},
+        "signature": {"inputs": list(LOGITS_SIGNATURE.input_names),
+                      "outputs": list(LOGITS_SIGNATURE.output_names)},
+        "layers": stages.context.layers,
+        "sizes": {"model_bytes": model_bytes, "bundle_bytes": directory_bytes(bundle)},
+        "timings": timings,
+    }
+
+
+def compile_bundle(
+    source: str | None,
+    recipe_name: str,
+    target_name: str,
+    out_dir: pathlib.Path,
+    force: bool = False,
+    accuracy_level: int = 4,
+) -> dict:
+    """Compile ``source`` with ``recipe`` for ``target`` into the bundle ``out_dir``."""
+    start = time.perf_counter()
+    recipe, target = prepare_request(recipe_name, target_name)
+    check_output(out_dir, force)
+    timings: dict[str, float] = {}
+    with step(f"loading {source or 'the default model (SmolLM2-135M-Instruct)'}", timings,
+              "load_s"):
+        loaded = load_model(source)
+    stages = build_stages(loaded, recipe, keep_snapshots=False, timings=timings)
+    with atomic_directory(out_dir, force) as tmp:
+        with step(f"lowering to ONNX for target {target.name}", timings, "lower_s"):
+            export_onnx(stages.program, target, tmp, accuracy_level)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        timings["compile_s"] = round(time.perf_counter() - start, 3)
+        report = _report(loaded, recipe, target, stages, accuracy_level, timings, tmp)
+        write_report(tmp, report)
+    console.print(
+        f"[bold green]bundle[/bold green] {out_dir}: {report['sizes']['model_bytes']:,} model "
+        f"bytes, recipe {recipe.name}, target {target.name}, {timings['compile_s']:.0f} s"
+    )
+    return report

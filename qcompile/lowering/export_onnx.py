@@ -1,0 +1,72 @@
+"""Export a (quantized) captured program to ONNX for a target and save it with external data.
+
+``torch.onnx.export(dynamo=True)`` translates ATen ops with PyTorch's torchlib and the
+``qcompile::`` ops with the target's translation table; target rewrites then run on the
+onnx-ir model (for ``onnx-qdq``: contrib ops to standard Q/DQ), followed by dead-code and
+unused-initializer cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pathlib
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import torch
+
+from qcompile.capture import LOGITS_SIGNATURE, ExportSignature
+from qcompile.lowering.contrib_to_qdq import contrib_to_qdq
+from qcompile.lowering.targets import Target
+
+__all__ = ["export_onnx", "MODEL_FILE", "DATA_FILE", "OPSET"]
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 21
+_POST_EXPORT = {"contrib_to_qdq": contrib_to_qdq}
+
+
+def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int) -> ir.Model:
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet):
+        program = torch.onnx.export(
+            ep,
+            dynamo=True,
+            opset_version=OPSET,
+            custom_translation_table=target.translation_table(accuracy_level),
+            input_names=list(signature.input_names),
+            output_names=list(signature.output_names),
+            optimize=True,
+            verbose=False,
+        )
+    return program.model
+
+
+def _cleanup(model: ir.Model) -> ir.Model:
+    for cleanup in (
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+        common_passes.DeduplicateInitializersPass(),
+    ):
+        model = cleanup(model).model
+    return model
+
+
+def export_onnx(
+    ep: torch.export.ExportedProgram,
+    target: Target,
+    out_dir: pathlib.Path,
+    accuracy_level: int = 4,
+    signature: ExportSignature = LOGITS_SIGNATURE,
+) -> pathlib.Path:
+    """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``) and return the model path."""
+    model = _to_onnx(ep, target, signature, accuracy_level)
+    for name in target.post_export:
+        model = _POST_EXPORT[name](model)
+    model = _cleanup(model)
+    model.producer_name = "qcompile"
+    path = out_dir / MODEL_FILE
+    ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+    return path

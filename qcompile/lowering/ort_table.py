@@ -1,0 +1,62 @@
+"""Lowering table for the ``ort`` target: ``qcompile::`` ops to ONNX Runtime contrib ops.
+
+The canonical packed layout *is* ``MatMulNBits``'s, so each entry is a direct, trace-only
+onnxscript function for ``torch.onnx.export(..., custom_translation_table=...)``:
+
+* ``qcompile::linear_wNa16``  -> ``com.microsoft::MatMulNBits`` (bits 2/4/8; 3-bit codes in a
+  4-bit container; per-channel as one power-of-two block at least as long as K).
+* ``qcompile::embedding_wN``  -> ``com.microsoft::GatherBlockQuantized`` (uint8 data, rows
+  packed, ``gather_axis=0``, ``quantize_axis=1``).
+
+``accuracy_level`` picks MatMulNBits' compute type: 0/1 float32 (bit-faithful to the torch
+reference), 4 int8 activations per block (the fast path the genai model builder uses).
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+
+from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN, register_contrib_schemas
+from qcompile.weight_format import container_bits
+
+__all__ = ["ort_translation_table"]
+
+register_contrib_schemas()
+_MSFT = onnxscript.values.Opset(MICROSOFT_DOMAIN, 1)
+
+
+def ort_translation_table(accuracy_level: int) -> dict:
+    """``{OpOverload: onnxscript function}`` with ``accuracy_level`` baked in."""
+
+    def linear_wNa16(x, packed, scales, zero_points, bias, bits, block_size, in_features):
+        return _MSFT.MatMulNBits(
+            x,
+            packed,
+            scales,
+            zero_points,
+            None,
+            bias,
+            K=in_features,
+            N=packed.shape[0],
+            bits=container_bits(bits),
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+        )
+
+    def embedding_wN(ids, packed, scales, zero_points, bits, block_size, embedding_dim):
+        return _MSFT.GatherBlockQuantized(
+            packed,
+            ids,
+            scales,
+            zero_points,
+            bits=container_bits(bits),
+            block_size=block_size,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+
+    return {
+        torch.ops.qcompile.linear_wNa16.default: linear_wNa16,
+        torch.ops.qcompile.embedding_wN.default: embedding_wN,
+    }

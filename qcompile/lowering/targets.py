@@ -1,0 +1,80 @@
+"""Lowering targets: what each accepts (capability checks) and how it lowers.
+
+| target   | linear weights                     | embedding          | ONNX ops                     |
+|----------|------------------------------------|--------------------|------------------------------|
+| ort      | 2/3/4/8-bit, groups or per-channel | 2/3/4/8-bit        | MatMulNBits, GatherBlockQuantized |
+| onnx-qdq | 3/4/8-bit (int4/uint4, int8/uint8) | 8-bit              | DequantizeLinear + MatMul / Gather |
+
+A request the target cannot represent is refused before the model is loaded, naming the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from qcompile.errors import QcompileError
+
+__all__ = ["Target", "TARGETS", "get_target"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    linear_bits: tuple[int, ...]
+    embedding_bits: tuple[int, ...]
+    post_export: tuple[str, ...] = ()
+
+    def check(self, recipe) -> None:
+        """Refuse recipes whose weight formats this target cannot express."""
+        options = recipe.weight_options()
+        if options is None:
+            return
+        if options.bits not in self.linear_bits:
+            raise QcompileError(
+                f"target {self.name} cannot export {options.bits}-bit linear weights "
+                f"(recipe {recipe.name})",
+                f"{self.name} supports {_bits(self.linear_bits)}-bit; "
+                + ("use --target ort for 2-bit" if self.name == "onnx-qdq" else "change bits"),
+            )
+        for role, allowed in (("lm_head", self.linear_bits), ("embedding", self.embedding_bits)):
+            spec = getattr(options, role)
+            if spec is not None and spec.bits not in allowed:
+                raise QcompileError(
+                    f"target {self.name} cannot export a {spec.bits}-bit {role} "
+                    f"(recipe {recipe.name})",
+                    f"{self.name} supports a {_bits(allowed)}-bit {role}, or null for float",
+                )
+
+    def translation_table(self, accuracy_level: int) -> dict[object, Callable]:
+        from qcompile.lowering.ort_table import ort_translation_table
+
+        return ort_translation_table(accuracy_level)
+
+
+def _bits(bits: tuple[int, ...]) -> str:
+    return "/".join(str(b) for b in bits)
+
+
+TARGETS = {
+    "ort": Target(
+        "ort",
+        "ONNX Runtime contrib ops (MatMulNBits, GatherBlockQuantized)",
+        linear_bits=(2, 3, 4, 8),
+        embedding_bits=(2, 3, 4, 8),
+    ),
+    "onnx-qdq": Target(
+        "onnx-qdq",
+        "standard ONNX opset 21: int4/int8 weights, DequantizeLinear feeding MatMul",
+        linear_bits=(3, 4, 8),
+        embedding_bits=(8,),
+        post_export=("contrib_to_qdq",),
+    ),
+}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise QcompileError(f"unknown target {name!r}", f"choose one of {', '.join(TARGETS)}")
+    return TARGETS[name]

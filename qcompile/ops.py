@@ -1,0 +1,80 @@
+"""The ``qcompile::`` op library: quantized ops that stay opaque through ``torch.export``.
+
+Each op is a ``torch.library.custom_op`` with a fake (meta) implementation for export and a
+pure-torch reference implementation that *is* the numerical specification every lowering is
+checked against. Weights arrive in the canonical packed layout of
+:mod:`qcompile.weight_format`.
+
+* ``linear_wNa16(x, packed, scales, zero_points, bias, bits, block_size, in_features)``:
+  weight-only quantized ``x @ W.T + bias``; ``packed`` is ``[N, k_blocks, blob]`` uint8,
+  ``zero_points`` the packed ``[N, ceil(k_blocks*cbits/8)]`` uint8 (or ``None``, symmetric).
+  Maps 1:1 to ONNX Runtime's ``MatMulNBits``.
+* ``embedding_wN(ids, packed, scales, zero_points, bits, block_size, embedding_dim)``: a
+  quantized embedding table ``[V, D*cbits/8]``, each row packed like a weight row (the block
+  size divides D). Maps to ``GatherBlockQuantized``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.weight_format import (
+    container_bits,
+    dequantize_codes,
+    unpack_codes,
+    unpack_zero_points,
+)
+
+__all__ = ["linear_wNa16", "embedding_wN", "dequantize_packed"]
+
+
+def dequantize_packed(packed, scales, zero_points, bits: int, block_size: int, k: int):
+    """Float ``[N, K]`` weight from the canonical packed layout."""
+    cbits = container_bits(bits)
+    codes = unpack_codes(packed, cbits, k)
+    zeros = None
+    if zero_points is not None:
+        zeros = unpack_zero_points(zero_points, cbits, scales.shape[1])
+    return dequantize_codes(codes, scales, zeros, cbits, block_size)
+
+
+@torch.library.custom_op("qcompile::linear_wNa16", mutates_args=())
+def linear_wNa16(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    weight = dequantize_packed(packed, scales, zero_points, bits, block_size, in_features)
+    return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+
+
+@linear_wNa16.register_fake
+def _linear_wNa16_fake(x, packed, scales, zero_points, bias, bits, block_size, in_features):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.custom_op("qcompile::embedding_wN", mutates_args=())
+def embedding_wN(
+    ids: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    embedding_dim: int,
+) -> torch.Tensor:
+    rows = packed[ids.reshape(-1)].reshape(ids.numel(), scales.shape[1], -1)
+    row_scales = scales[ids.reshape(-1)]
+    row_zeros = None if zero_points is None else zero_points[ids.reshape(-1)]
+    table = dequantize_packed(rows, row_scales, row_zeros, bits, block_size, embedding_dim)
+    return table.reshape(*ids.shape, embedding_dim)
+
+
+@embedding_wN.register_fake
+def _embedding_wN_fake(ids, packed, scales, zero_points, bits, block_size, embedding_dim):
+    return scales.new_empty((*ids.shape, embedding_dim))

@@ -1,0 +1,146 @@
+"""Recipes: named, declarative pipelines of passes with options.
+
+A recipe is plain data, the same for built-ins and for users' YAML/JSON files::
+
+    name: my-w4
+    description: int4 g128 asymmetric, MSE clipping, lm_head kept at 8 bits
+    passes:
+      - quantize_weights_rtn: {bits: 4, group_size: 128, mse_clip: true}
+      - pack_weights
+
+Each pass entry is a pass name or a one-key mapping ``{name: options}``. Loading validates
+everything up front (unknown passes, unknown or mistyped options, unsupported values) so that
+a bad recipe fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import yaml
+
+from qcompile.errors import QcompileError
+from qcompile.pass_infra import PassContext, QPass, build_options, get_pass
+
+__all__ = ["Recipe", "PassStep", "BUILTIN_RECIPES", "load_recipe", "recipe_from_dict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassStep:
+    name: str
+    options: object
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    steps: tuple[PassStep, ...]
+    source: str = "built-in"
+
+    def instantiate(self, context: PassContext) -> list[QPass]:
+        return [get_pass(step.name)(step.options, context) for step in self.steps]
+
+    def weight_options(self):
+        """Options of the weight-quantization step, if any (for capability checks)."""
+        for step in self.steps:
+            if hasattr(step.options, "body_spec"):
+                return step.options
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "passes": [{s.name: dataclasses.asdict(s.options)} for s in self.steps],
+        }
+
+
+def _rtn(description: str, **options) -> dict:
+    return {
+        "description": description,
+        "passes": [{"quantize_weights_rtn": options}, "pack_weights"],
+    }
+
+
+BUILTIN_RECIPES: dict[str, dict] = {
+    "fp32": {"description": "no quantization: the float32 export, the baseline", "passes": []},
+    "w8a16-rtn": _rtn("int8 weights per output channel, asymmetric, RTN", bits=8, group_size=0),
+    "w4a16-rtn": _rtn("int4 weights, groups of 128 along K, asymmetric, RTN", bits=4),
+    "w4a16-rtn-sym": _rtn(
+        "int4 weights, groups of 128, symmetric (no zero points), RTN", bits=4, symmetric=True
+    ),
+    "w4a16-rtn-mse": _rtn(
+        "int4 weights, groups of 128, asymmetric, RTN with MSE-optimal clipping",
+        bits=4,
+        mse_clip=True,
+    ),
+    "w4a16-rtn-g32": _rtn("int4 weights, groups of 32, asymmetric, RTN", bits=4, group_size=32),
+    "w3a16-rtn": _rtn("int3 codes (stored in 4 bits), groups of 128, asymmetric, RTN", bits=3),
+    "w2a16-rtn": _rtn(
+        "int2 weights, groups of 64, asymmetric, RTN with MSE clipping (ort target only)",
+        bits=2,
+        group_size=64,
+        mse_clip=True,
+    ),
+}
+
+
+def _parse_step(entry, where: str) -> PassStep:
+    if isinstance(entry, str):
+        name, raw = entry, {}
+    elif isinstance(entry, dict) and len(entry) == 1:
+        name, raw = next(iter(entry.items()))
+        raw = raw or {}
+    else:
+        raise QcompileError(
+            f"{where} must be a pass name or a one-key mapping {{pass_name: options}}",
+            "for example: - quantize_weights_rtn: {bits: 4}",
+        )
+    pass_cls = get_pass(name)
+    if not isinstance(raw, dict):
+        raise QcompileError(f"options of {where} ({name}) must be a mapping", "use key: value")
+    return PassStep(name, build_options(pass_cls.Options, raw, f"{where} ({name})"))
+
+
+def recipe_from_dict(data, name: str, source: str) -> Recipe:
+    """Validate and build a recipe from plain data."""
+    if not isinstance(data, dict):
+        raise QcompileError(f"recipe {source} must be a mapping", "see `qcompile recipes`")
+    unknown = sorted(set(data) - {"name", "description", "passes"})
+    if unknown:
+        raise QcompileError(
+            f"unknown recipe field(s) {', '.join(unknown)} in {source}",
+            "a recipe has: name, description, passes",
+        )
+    passes = data.get("passes")
+    if not isinstance(passes, list):
+        raise QcompileError(f"recipe {source} needs a 'passes' list", "add passes: [...]")
+    steps = tuple(_parse_step(e, f"{source}: passes[{i}]") for i, e in enumerate(passes))
+    return Recipe(str(data.get("name", name)), str(data.get("description", "")), steps, source)
+
+
+def _read_file(path: pathlib.Path):
+    try:
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise QcompileError(f"cannot parse recipe file {path}: {exc}", "fix its syntax") from exc
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name, or a user's ``.yaml``/``.yml``/``.json`` file."""
+    if name_or_path in BUILTIN_RECIPES:
+        return recipe_from_dict(BUILTIN_RECIPES[name_or_path], name_or_path, "built-in")
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise QcompileError(f"recipe file {path} does not exist", "check the path")
+        return recipe_from_dict(_read_file(path), path.stem, str(path))
+    raise QcompileError(
+        f"unknown recipe {name_or_path!r}",
+        f"built-in recipes: {', '.join(BUILTIN_RECIPES)}; or pass a .yaml/.json file",
+    )

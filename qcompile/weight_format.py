@@ -1,0 +1,152 @@
+"""Integer weight formats: the numbers behind every quantized weight in qcompile.
+
+A quantized weight is a :class:`QuantizedWeight`: unsigned integer codes ``[N, K]`` (torch
+``Linear`` layout, out x in), one float scale per group of ``group_size`` inputs along K, and
+either one integer zero point per group (asymmetric) or the implicit mid-point of the storage
+container (symmetric). The real value is ``(code - zero) * scale``.
+
+Codes live in a *container* of 2, 4 or 8 bits. A 3-bit code is stored in a 4-bit container: it
+keeps its 3-bit range (so its quality is 3-bit) but costs 4 bits of storage, because neither
+ONNX nor ONNX Runtime has a 3-bit type. Symmetric codes are offset by half the container
+(``2^(container-1)``), which is what ONNX Runtime's ``MatMulNBits`` assumes when no zero points
+are given.
+
+The *canonical packed layout* (DESIGN.md) is ORT ``MatMulNBits``'s: ``[N, k_blocks, blob]``
+uint8, packed along K, lowest bits first, the last block zero-padded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+__all__ = [
+    "QuantizedWeight",
+    "container_bits",
+    "effective_group_size",
+    "pack_codes",
+    "unpack_codes",
+    "pack_zero_points",
+    "unpack_zero_points",
+    "dequantize_codes",
+]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def container_bits(bits: int) -> int:
+    """The storage width of a ``bits``-wide code (3-bit codes use 4-bit storage)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported weight bit width {bits}; choose one of {SUPPORTED_BITS}")
+    return {2: 2, 3: 4, 4: 4, 8: 8}[bits]
+
+
+def effective_group_size(group_size: int, in_features: int) -> int:
+    """The block size along K; per-channel (``group_size <= 0``) becomes one power-of-two block.
+
+    ORT's ``MatMulNBits`` wants power-of-two blocks of at least 16; a single block at least as
+    long as K, zero-padded, is exactly per-channel quantization.
+    """
+    if group_size > 0:
+        return group_size
+    return max(16, 1 << math.ceil(math.log2(in_features)))
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """Integer codes with their scales and zero points, in the canonical ``[N, K]`` layout.
+
+    Attributes:
+        codes: uint8 ``[N, K]`` unsigned container codes.
+        scales: float32 ``[N, k_blocks]``.
+        zeros: uint8 ``[N, k_blocks]`` zero points, or ``None`` when symmetric.
+        bits: code width (2, 3, 4 or 8).
+        group_size: block length along K (already made effective, see above).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+
+    @property
+    def container_bits(self) -> int:
+        return container_bits(self.bits)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    def dequantize(self) -> torch.Tensor:
+        """The float ``[N, K]`` weight these codes stand for."""
+        return dequantize_codes(
+            self.codes, self.scales, self.zeros, self.container_bits, self.group_size
+        )
+
+    def storage_bytes(self) -> int:
+        """Bytes of packed codes, scales and packed zero points as exported."""
+        n, k = self.codes.shape
+        blocks = self.scales.shape[1]
+        blob = self.group_size * self.container_bits // 8
+        zero_bytes = 0 if self.zeros is None else n * math.ceil(blocks * self.container_bits / 8)
+        return n * blocks * blob + self.scales.numel() * 4 + zero_bytes
+
+
+def _expand_groups(per_group: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    return per_group.repeat_interleave(group_size, dim=1)[:, :k]
+
+
+def dequantize_codes(codes, scales, zeros, cbits: int, group_size: int) -> torch.Tensor:
+    """``(code - zero) * scale`` with per-group scale/zero broadcast along K."""
+    k = codes.shape[1]
+    zero = (
+        torch.full_like(scales, float(1 << (cbits - 1)))
+        if zeros is None
+        else zeros.to(torch.float32)
+    )
+    z = _expand_groups(zero, group_size, k)
+    s = _expand_groups(scales.to(torch.float32), group_size, k)
+    return (codes.to(torch.float32) - z) * s
+
+
+def _pack_last_dim(values: torch.Tensor, cbits: int) -> torch.Tensor:
+    """Pack unsigned ``cbits``-wide values along the last dim, lowest bits first."""
+    per_byte = 8 // cbits
+    pad = (-values.shape[-1]) % per_byte
+    v = torch.nn.functional.pad(values.to(torch.int32), (0, pad))
+    v = v.reshape(*v.shape[:-1], -1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * cbits
+    return (v << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack_last_dim(packed: torch.Tensor, cbits: int, count: int) -> torch.Tensor:
+    per_byte = 8 // cbits
+    shifts = torch.arange(per_byte, dtype=torch.int32) * cbits
+    v = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << cbits) - 1)
+    return v.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.uint8)
+
+
+def pack_codes(codes: torch.Tensor, cbits: int, group_size: int) -> torch.Tensor:
+    """``[N, K]`` codes to ``[N, k_blocks, group_size*cbits/8]`` uint8, last block zero-padded."""
+    n, k = codes.shape
+    blocks = math.ceil(k / group_size)
+    padded = torch.nn.functional.pad(codes, (0, blocks * group_size - k))
+    return _pack_last_dim(padded.reshape(n, blocks, group_size), cbits)
+
+
+def unpack_codes(packed: torch.Tensor, cbits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``[N, k_blocks, blob]`` to ``[N, K]`` codes."""
+    n = packed.shape[0]
+    return _unpack_last_dim(packed, cbits, packed.shape[2] * 8 // cbits).reshape(n, -1)[:, :k]
+
+
+def pack_zero_points(zeros: torch.Tensor, cbits: int) -> torch.Tensor:
+    """``[N, k_blocks]`` zero points to ORT's packed ``[N, ceil(k_blocks*cbits/8)]``."""
+    return _pack_last_dim(zeros, cbits)
+
+
+def unpack_zero_points(packed: torch.Tensor, cbits: int, blocks: int) -> torch.Tensor:
+    return _unpack_last_dim(packed, cbits, blocks)
