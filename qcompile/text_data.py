@@ -1,0 +1,71 @@
+"""Text for calibration and evaluation, and token windows over it.
+
+The offline default is Python's bundled documentation (``pydoc_data.topics``, ~465 k
+characters): the first half for calibration, the second half for evaluation. Users pass their
+own text file, or ``hf:NAME[:CONFIG][:SPLIT][:COLUMN]`` for a Hugging Face dataset (needs the
+``datasets`` package and a reachable hub).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+from qcompile.errors import QcompileError
+
+__all__ = ["default_text", "load_text", "token_windows"]
+
+
+def default_text(split: str) -> str:
+    """``"calibration"`` (first half) or ``"evaluation"`` (second half) of pydoc topics."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics.values())
+    half = len(text) // 2
+    return text[:half] if split == "calibration" else text[half:]
+
+
+def _hf_dataset_text(spec: str) -> str:
+    parts = spec.split(":")[1:]
+    name, config, split, column = (parts + [None, "test", "text"][len(parts) - 1:])[:4]
+    try:
+        import datasets
+    except ImportError as exc:
+        raise QcompileError("hf: text sources need the datasets package",
+                            "pip install datasets, or pass a text file") from exc
+    try:
+        rows = datasets.load_dataset(name, config, split=split)[column]
+    except Exception as exc:
+        raise QcompileError(f"cannot load dataset {spec}: {exc}",
+                            "check the name and column, or pass a local text file") from exc
+    return "\n\n".join(r for r in rows if r)
+
+
+def load_text(source: str | None, split: str = "evaluation") -> str:
+    """The default text's ``split``, a file's contents, or a dataset column."""
+    if source in (None, "", "default"):
+        return default_text(split)
+    if source.startswith("hf:"):
+        return _hf_dataset_text(source)
+    path = pathlib.Path(source).expanduser()
+    if not path.is_file():
+        raise QcompileError(f"text file {source} does not exist", "check the path")
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        raise QcompileError(f"text file {source} is empty", "pass a file with text in it")
+    return text
+
+
+def token_windows(tokenizer, text: str, length: int = 512, count: int = 16) -> torch.Tensor:
+    """``[count, length]`` consecutive, non-overlapping token windows from the start of text."""
+    if tokenizer is None:
+        raise QcompileError("this model has no tokenizer, so text cannot be tokenized",
+                            "save the tokenizer next to the model (save_pretrained)")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    available = ids.numel() // length
+    if available == 0:
+        raise QcompileError(f"the text has {ids.numel()} tokens, fewer than one window of "
+                            f"{length}", "pass a longer text or a smaller --seq-len")
+    count = min(count, available)
+    return ids[: count * length].reshape(count, length)

@@ -1,0 +1,229 @@
+"""``verify``: rebuild the torch stages from a bundle's source and recipe, run the whole parity
+ladder (:mod:`qcompile.runtimes.parity`) against the bundle's ONNX model, check that the
+exported integer codes equal the torch ones exactly, and name the first stage and the first
+decoder layer that diverge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from qcompile.bundle import read_report, update_report
+from qcompile.compiler import Stages, build_stages
+from qcompile.console import console, step
+from qcompile.lowering.export_onnx import MODEL_FILE
+from qcompile.models import load_model
+from qcompile.recipes import recipe_from_dict
+from qcompile.runtimes import layer_taps
+from qcompile.runtimes.onnx_reference_runner import MAX_REFERENCE_PARAMETERS, ReferenceRunner
+from qcompile.runtimes.ort_runner import OrtRunner, tempdir, with_extra_outputs
+from qcompile.runtimes.parity import CLOSE, EXACT, INT8_COMPUTE, QUALITY, Tolerance, compare
+from qcompile.runtimes.torch_runner import TorchRunner
+from qcompile.weight_format import unpack_codes
+
+__all__ = ["StageOutcome", "verify_bundle", "verification_inputs", "check_codes"]
+
+
+@dataclasses.dataclass
+class StageOutcome:
+    stage: str
+    compared_with: str
+    tolerance: Tolerance
+    stats: dict
+    passed: bool | None
+    first_layer: dict | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "compared_with": self.compared_with,
+            "tolerance": self.tolerance.describe(),
+            "passed": self.passed,
+            **self.stats,
+            **({"first_diverging_layer": self.first_layer} if self.first_layer else {}),
+        }
+
+
+def verification_inputs(tokenizer, vocab: int, batch: int = 2, length: int = 48):
+    """Two real text windows where the tokenizer gives them, else seeded random ids."""
+    from qcompile.errors import QcompileError
+    from qcompile.text_data import default_text, token_windows
+
+    ids = None
+    if tokenizer is not None:
+        try:
+            ids = token_windows(tokenizer, default_text("evaluation")[:20000], length, batch)
+        except QcompileError:
+            ids = None
+    if ids is None or len(ids) < batch or int(ids.max()) >= vocab:
+        ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    ids = ids.numpy().astype(np.int64)
+    return ids, np.ones_like(ids)
+
+
+def _recipe_of(report: dict):
+    data = {k: v for k, v in report["recipe"].items() if k != "source"}
+    return recipe_from_dict(data, data["name"], report["recipe"].get("source", "report.json"))
+
+
+def _int8_compute(report: dict, fused: bool) -> bool:
+    quantized = bool(report["recipe"]["passes"])
+    level4 = report["target"]["accuracy_level"] == 4
+    if report["target"]["name"] == "ort":
+        return quantized and level4
+    return quantized and level4 and fused
+
+
+class _Ladder:
+    """Runs the stages in order, keeping each stage's runner for layer localisation."""
+
+    def __init__(self, stages: Stages, bundle: pathlib.Path, report: dict, inputs):
+        self.stages, self.bundle, self.report, self.inputs = stages, bundle, report, inputs
+        model = stages.loaded.model
+        self.layers_path = layer_taps.decoder_layers_path(model)
+        self.layer_count = model.config.num_hidden_layers
+        self.outputs: dict[str, np.ndarray] = {}
+        self.runners: dict[str, object] = {}
+        self.results: list[StageOutcome] = []
+
+    def run(self, name: str, runner, against: str, tolerance: Tolerance) -> StageOutcome:
+        with step(f"stage {name} (vs {against})"):
+            self.outputs[name] = runner(*self.inputs)
+        self.runners[name] = runner
+        stats = compare(self.outputs[name], self.outputs[against])
+        passed = None if tolerance is QUALITY else tolerance.passes(stats)
+        outcome = StageOutcome(name, against, tolerance, stats.as_dict(), passed)
+        if passed is False:
+            outcome.first_layer = self.first_diverging_layer(name, against, tolerance)
+        self.results.append(outcome)
+        return outcome
+
+    def layer_outputs(self, name: str) -> list[np.ndarray] | None:
+        runner = self.runners[name]
+        if name == "eager":
+            model = self.stages.eager
+            return [t.numpy() for t in layer_taps.eager_layer_outputs(
+                model, self.layers_path, lambda: runner(*self.inputs))]
+        if isinstance(runner, TorchRunner):
+            nodes = layer_taps.fx_layer_nodes(runner.module, self.layers_path, self.layer_count)
+            tapped = TorchRunner(layer_taps.tap_fx(runner.module, nodes))
+            return [t.numpy() for t in tapped.raw(*self.inputs)[1:]]
+        if isinstance(runner, OrtRunner):
+            return self._ort_layer_outputs(runner)
+        return None
+
+    def _ort_layer_outputs(self, runner: OrtRunner) -> list[np.ndarray] | None:
+        proto = onnx.load(str(runner.model_path), load_external_data=False)
+        names = layer_taps.onnx_layer_values(proto, self.layers_path, self.layer_count)
+        if None in names:
+            return None
+        with tempdir() as work:
+            path = with_extra_outputs(runner.model_path, names, work)
+            optimized = runner.name == "ort-fused"
+            tapped = OrtRunner(path, optimized, self.report["target"]["accuracy_level"])
+            return tapped.run(*self.inputs)[1:]
+
+    def first_diverging_layer(self, name: str, against: str, tolerance: Tolerance):
+        try:
+            ours, theirs = self.layer_outputs(name), self.layer_outputs(against)
+        except Exception as exc:  # localisation is best-effort; the stage verdict stands
+            return {"error": f"could not tap layers: {exc}"}
+        if not ours or not theirs:
+            return None
+        layer_tol = dataclasses.replace(tolerance, top1_min=None)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            stats = compare(a, b)
+            if not layer_tol.passes(stats):
+                return {"layer": f"{self.layers_path}.{i}", **stats.as_dict()}
+        return None
+
+
+def check_codes(final: torch.nn.Module, model_path: pathlib.Path) -> dict:
+    """Every exported integer weight equals the torch stage's codes exactly."""
+    proto = onnx.load(str(model_path))
+    initializers = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    checked, mismatched = 0, []
+    for name, packed in final.named_buffers():
+        if not name.endswith(".qweight"):
+            continue
+        path = name.removesuffix(".qweight")
+        same = _exported_codes_equal(initializers, path, packed)
+        if same is None:
+            mismatched.append(f"{path} (not found in the ONNX model)")
+            continue
+        checked += 1
+        if not same:
+            mismatched.append(path)
+    return {"weights_checked": checked, "mismatched": mismatched}
+
+
+def _exported_codes_equal(initializers: dict, path: str, packed: torch.Tensor) -> bool | None:
+    """Compare the exported form of ``path`` with its canonical packed bytes (None: absent)."""
+    if f"{path}.qweight" in initializers:  # ort target: the canonical bytes themselves
+        return bool(np.array_equal(initializers[f"{path}.qweight"], packed.numpy()))
+    if f"{path}.qweight_int8" in initializers:  # onnx-qdq symmetric 8-bit embedding
+        shifted = initializers[f"{path}.qweight_int8"].astype(np.int16) + 128
+        return bool(np.array_equal(shifted, packed.numpy().astype(np.int16)))
+    if f"{path}.weight_q" not in initializers:
+        return None
+    array = initializers[f"{path}.weight_q"]  # onnx-qdq linear: [K, N] int4/int8
+    k = array.shape[0]
+    cbits = 8 if array.dtype in (np.int8, np.uint8) else 4
+    codes = unpack_codes(packed, cbits, k).numpy().astype(np.int16)
+    exported = array.astype(np.int16).T
+    if f"{path}.weight_zero_point" not in initializers:
+        exported = exported + (1 << (cbits - 1))
+    return bool(np.array_equal(codes, exported))
+
+
+def _ladder_plan(stages: Stages, report: dict, bundle: pathlib.Path):
+    model_path = bundle / MODEL_FILE
+    level = report["target"]["accuracy_level"]
+    plan = [("eager", TorchRunner(stages.eager), None, None),
+            ("exported", TorchRunner(stages.exported), "eager", EXACT)]
+    last = "exported"
+    for stage, tolerance in (("fake-quant", QUALITY), ("lowered", EXACT)):
+        if stage in stages.snapshots:
+            plan.append((stage, TorchRunner(stages.snapshots[stage]), last, tolerance))
+            last = stage
+    params = sum(p.numel() for p in stages.eager.parameters())
+    if params <= MAX_REFERENCE_PARAMETERS:
+        plan.append(("onnx-reference", ReferenceRunner(model_path), last, CLOSE))
+    for fused in (False, True):
+        runner = OrtRunner(model_path, optimized=fused, accuracy_level=level)
+        tolerance = INT8_COMPUTE if _int8_compute(report, fused) else CLOSE
+        plan.append((runner.name, runner, last, tolerance))
+    return plan
+
+
+def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
+    """Run the ladder for ``bundle``; record and return the summary (``passed`` overall)."""
+    bundle = pathlib.Path(bundle)
+    report = read_report(bundle)
+    recipe = _recipe_of(report)
+    loaded = load_model(source or report["source"]["path"])
+    stages = build_stages(loaded, recipe, keep_snapshots=True, timings={})
+    inputs = verification_inputs(loaded.tokenizer, loaded.config.vocab_size)
+    ladder = _Ladder(stages, bundle, report, inputs)
+    for name, runner, against, tolerance in _ladder_plan(stages, report, bundle):
+        if against is None:
+            ladder.outputs[name], ladder.runners[name] = runner(*inputs), runner
+            continue
+        ladder.run(name, runner, against, tolerance)
+    codes = check_codes(stages.final, bundle / MODEL_FILE) if recipe.steps else None
+    failed = [r for r in ladder.results if r.passed is False]
+    summary = {
+        "passed": not failed and not (codes and codes["mismatched"]),
+        "first_failing_stage": failed[0].stage if failed else None,
+        "inputs": {"batch": int(inputs[0].shape[0]), "tokens": int(inputs[0].shape[1])},
+        "stages": [r.as_dict() for r in ladder.results],
+        "integer_codes": codes,
+    }
+    update_report(bundle, "parity", summary)
+    return summary

@@ -1,0 +1,98 @@
+"""Find each decoder layer's output in eager modules, fx graphs and ONNX graphs.
+
+When two parity stages disagree, comparing decoder-layer outputs names the first layer that
+diverges. Every representation keeps the module path of its nodes (``nn_module_stack`` in fx,
+``pkg.torch.onnx.name_scopes`` in ONNX metadata), so one rule serves all of them: the output of
+layer ``i`` is the last node, in graph order, that belongs to the module ``<layers>.<i>``.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import onnx
+import torch
+
+from qcompile.capture import WRAPPER_ATTRIBUTE
+from qcompile.fx_utils import module_path
+
+__all__ = ["decoder_layers_path", "fx_layer_nodes", "onnx_layer_values", "eager_layer_outputs",
+           "tap_fx"]
+
+
+def decoder_layers_path(model: torch.nn.Module) -> str:
+    """Dotted name of the ``ModuleList`` of decoder layers (``model.layers``, ``transformer.h``)."""
+    count = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return name
+    raise ValueError("no ModuleList with num_hidden_layers entries in the model")
+
+
+def _in_layer(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def fx_layer_nodes(gm: torch.fx.GraphModule, layers_path: str, count: int) -> list:
+    """For each layer, the last fx node that belongs to it (its output)."""
+    last: list = [None] * count
+    for node in gm.graph.nodes:
+        path = module_path(node)
+        for i in range(count):
+            if _in_layer(path, f"{layers_path}.{i}") and node.op == "call_function":
+                last[i] = node
+    return last
+
+
+def tap_fx(gm: torch.fx.GraphModule, nodes: list) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose output is ``(original output, *nodes)``."""
+    import copy
+
+    tapped = copy.copy(gm)
+    tapped.graph = copy.deepcopy(gm.graph)
+    names = {n.name for n in nodes}
+    taps = [n for n in tapped.graph.nodes if n.name in names]
+    taps.sort(key=lambda n: [m.name for m in nodes].index(n.name))
+    output = tapped.graph.output_node()
+    tapped.graph.erase_node(output)
+    tapped.graph.output((output.args[0], *taps))
+    tapped._out_spec = None
+    tapped._in_spec = gm._in_spec
+    tapped.recompile()
+    return tapped
+
+
+def _name_scopes(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            return ast.literal_eval(prop.value)
+    return []
+
+
+def onnx_layer_values(model: onnx.ModelProto, layers_path: str, count: int) -> list[str | None]:
+    """For each layer, the name of the first output of its last ONNX node."""
+    last: list[str | None] = [None] * count
+    prefixes = [f"{WRAPPER_ATTRIBUTE}.{layers_path}.{i}" for i in range(count)]
+    for node in model.graph.node:
+        scopes = _name_scopes(node)
+        for i, prefix in enumerate(prefixes):
+            if prefix in scopes:
+                last[i] = node.output[0]
+    return last
+
+
+def eager_layer_outputs(model: torch.nn.Module, layers_path: str, run) -> list[torch.Tensor]:
+    """Run ``run()`` with hooks on each decoder layer and return their outputs."""
+    outputs: list[torch.Tensor] = []
+
+    def hook(_module, _args, output):
+        outputs.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    layers = model.get_submodule(layers_path)
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs

@@ -1,0 +1,67 @@
+"""The ONNX specification runner: ``onnx.reference.ReferenceEvaluator`` (tiny models only).
+
+Standard ops (including blocked int4 ``DequantizeLinear``) run in ONNX's own reference
+implementation. ONNX Runtime's contrib ops have no reference there, so ``MatMulNBits`` and
+``GatherBlockQuantized`` are given here as numpy implementations of their documented semantics
+(``ContribOperators.md``), decoding the packed bytes with qcompile's format code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from qcompile.ops import dequantize_packed
+
+__all__ = ["ReferenceRunner", "MAX_REFERENCE_PARAMETERS"]
+
+#: ``onnx.reference`` is pure numpy and slow: only models up to this size are run through it
+MAX_REFERENCE_PARAMETERS = 20_000_000
+
+
+def _container_to_bits(bits: int) -> int:
+    return 8 if bits == 8 else bits
+
+
+class MatMulNBits(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, a, b, scales, zero_points=None, g_idx=None, bias=None, K=None, N=None,
+             bits=4, block_size=None, accuracy_level=None):
+        zp = None if zero_points is None else torch.from_numpy(zero_points)
+        weight = dequantize_packed(torch.from_numpy(b), torch.from_numpy(scales), zp,
+                                   _container_to_bits(bits), block_size, K).numpy()
+        y = a @ weight.T
+        return ((y + bias) if bias is not None else y).astype(a.dtype),
+
+
+class GatherBlockQuantized(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, data, indices, scales, zero_points=None, bits=4, block_size=128,
+             gather_axis=0, quantize_axis=1):
+        rows = data.shape[0]
+        packed = torch.from_numpy(data).reshape(rows, scales.shape[1], -1)
+        zp = None if zero_points is None else torch.from_numpy(zero_points)
+        dim = scales.shape[1] * block_size
+        table = dequantize_packed(packed, torch.from_numpy(scales), zp,
+                                  _container_to_bits(bits), block_size, dim).numpy()
+        return table[indices].astype(scales.dtype),
+
+
+class ReferenceRunner:
+    """``logits = runner(input_ids, attention_mask)`` through the ONNX reference evaluator."""
+
+    name = "onnx-reference"
+
+    def __init__(self, model_path):
+        self.evaluator = ReferenceEvaluator(
+            str(model_path), new_ops=[MatMulNBits, GatherBlockQuantized]
+        )
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64),
+                 "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        return self.evaluator.run(None, feeds)[0]

@@ -1,0 +1,74 @@
+"""The ONNX Runtime runner (CPU EP), with graph optimizations off (unfused) or on (fused).
+
+Unfused runs the graph as written (``DequantizeLinear`` + ``MatMul`` stay separate); fused lets
+ONNX Runtime rewrite it (for ``onnx-qdq``: ``DQMatMulToMatMulNBits``, whose compute type comes
+from ``session.qdq_matmulnbits_accuracy_level``, set here to the bundle's accuracy level).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+__all__ = ["OrtRunner", "session_options", "with_extra_outputs"]
+
+
+def session_options(optimized: bool, accuracy_level: int = 4, threads: int = 0):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.add_session_config_entry(
+        "session.qdq_matmulnbits_accuracy_level", str(accuracy_level)
+    )
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
+
+
+class OrtRunner:
+    """``logits = runner(input_ids, attention_mask)`` over an ONNX Runtime CPU session."""
+
+    def __init__(self, model_path, optimized: bool = True, accuracy_level: int = 4,
+                 threads: int = 0):
+        self.model_path = pathlib.Path(model_path)
+        self.name = "ort-fused" if optimized else "ort-unfused"
+        self.session = ort.InferenceSession(
+            str(self.model_path),
+            session_options(optimized, accuracy_level, threads),
+            providers=["CPUExecutionProvider"],
+        )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+        feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64),
+                 "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        return self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.run(input_ids, attention_mask)[0]
+
+
+def with_extra_outputs(model_path: pathlib.Path, names: list[str], workdir: str) -> pathlib.Path:
+    """A copy of the model (sharing its external data file) that also outputs ``names``."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    out = pathlib.Path(workdir) / model_path.name
+    for data in model_path.parent.glob(model_path.name + ".data"):
+        os.symlink(data.resolve(), pathlib.Path(workdir) / data.name)
+    onnx.save(model, str(out))
+    return out
+
+
+def tempdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="qcompile-taps-")

@@ -1,0 +1,42 @@
+"""The qcompile:: ops: opcheck (fake impl, schema, autograd registration) and numerics."""
+
+from __future__ import annotations
+
+import torch
+
+import qcompile  # noqa: F401  (registers the ops)
+from qcompile.weight_format import pack_codes, pack_zero_points
+from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
+
+
+def _linear_args(bias=True, symmetric=False):
+    torch.manual_seed(0)
+    qw = quantize_weight(torch.randn(24, 100), WeightQuantSpec(4, 32, symmetric))
+    zeros = None if symmetric else pack_zero_points(qw.zeros, 4)
+    b = torch.randn(24) if bias else None
+    return qw, (torch.randn(2, 3, 100), pack_codes(qw.codes, 4, 32), qw.scales, zeros, b,
+                4, 32, 100)
+
+
+def test_linear_opcheck():
+    for symmetric in (False, True):
+        _, args = _linear_args(symmetric=symmetric)
+        torch.library.opcheck(torch.ops.qcompile.linear_wNa16.default, args)
+
+
+def test_linear_matches_float_linear_on_dequantized_weight():
+    qw, args = _linear_args()
+    out = torch.ops.qcompile.linear_wNa16(*args)
+    expected = torch.nn.functional.linear(args[0], qw.dequantize(), args[4])
+    assert out.shape == (2, 3, 24)
+    torch.testing.assert_close(out, expected)
+
+
+def test_embedding_opcheck_and_rows():
+    qw = quantize_weight(torch.randn(50, 64), WeightQuantSpec(8, 32))
+    packed = pack_codes(qw.codes, 8, 32).reshape(50, -1)
+    ids = torch.tensor([[0, 7, 49]])
+    args = (ids, packed, qw.scales, pack_zero_points(qw.zeros, 8), 8, 32, 64)
+    torch.library.opcheck(torch.ops.qcompile.embedding_wN.default, args)
+    out = torch.ops.qcompile.embedding_wN(*args)
+    torch.testing.assert_close(out[0], qw.dequantize()[ids[0]])

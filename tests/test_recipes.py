@@ -1,0 +1,77 @@
+"""Recipes: built-ins load, user files validate with messages that name the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qcompile.errors import QcompileError
+from qcompile.lowering.targets import get_target
+from qcompile.recipes import BUILTIN_RECIPES, load_recipe
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_RECIPES))
+def test_builtin_recipes_load(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert [s.name for s in recipe.steps] in ([], ["quantize_weights_rtn", "pack_weights"])
+
+
+def test_user_yaml_recipe(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\npasses:\n  - quantize_weights_rtn: {bits: 3, group_size: 64,"
+                    " lm_head: null, embedding: {bits: 4, group_size: 32}}\n  - pack_weights\n")
+    options = load_recipe(str(path)).weight_options()
+    assert (options.bits, options.group_size, options.lm_head) == (3, 64, None)
+    assert options.embedding.bits == 4
+
+
+def test_user_json_recipe(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"passes": [{"quantize_weights_rtn": {"symmetric": True}},
+                                           "pack_weights"]}))
+    assert load_recipe(str(path)).weight_options().symmetric is True
+
+
+@pytest.mark.parametrize("text,message", [
+    ("passes: [{quantize_weights_rtn: {bitz: 4}}]", "unknown option(s) bitz"),
+    ("passes: [{quantize_weights_rtn: {bits: 5}}]", "bits = 5 is not supported"),
+    ("passes: [{quantize_weights_rtn: {group_size: 100}}]", "group_size = 100"),
+    ("passes: [{quantize_weights_rtn: {bits: four}}]", "must be int"),
+    ("passes: [{quantize_weights_rtn: {lm_head: {bits: 1}}}]", "lm_head.bits = 1"),
+    ("passes: [no_such_pass]", "unknown pass 'no_such_pass'"),
+    ("passes: {a: 1}", "needs a 'passes' list"),
+    ("pases: []", "unknown recipe field(s) pases"),
+    ("passes: [: bad", "cannot parse recipe file"),
+])
+def test_invalid_recipe_files_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(QcompileError) as info:
+        load_recipe(str(path))
+    assert message in str(info.value)
+
+
+def test_unknown_recipe_lists_builtins():
+    with pytest.raises(QcompileError, match="unknown recipe 'w5'") as info:
+        load_recipe("w5")
+    assert "w4a16-rtn" in info.value.hint
+
+
+def test_missing_recipe_file():
+    with pytest.raises(QcompileError, match="does not exist"):
+        load_recipe("/nonexistent/recipe.yaml")
+
+
+def test_target_refuses_bits_it_cannot_express():
+    with pytest.raises(QcompileError, match="cannot export 2-bit linear weights"):
+        get_target("onnx-qdq").check(load_recipe("w2a16-rtn"))
+    get_target("ort").check(load_recipe("w2a16-rtn"))
+
+
+def test_target_refuses_4bit_embedding_for_qdq(tmp_path):
+    path = tmp_path / "e4.yaml"
+    path.write_text("passes: [{quantize_weights_rtn: {embedding: {bits: 4}}}, pack_weights]")
+    with pytest.raises(QcompileError, match="4-bit embedding"):
+        get_target("onnx-qdq").check(load_recipe(str(path)))

@@ -1,0 +1,68 @@
+"""Round-to-nearest quantization: error bounds, clipping search, partial groups, symmetry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
+
+
+def _scale_per_element(qw, k):
+    return qw.scales.repeat_interleave(qw.group_size, dim=1)[:, :k]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_error_is_at_most_half_a_step(bits, symmetric):
+    torch.manual_seed(0)
+    weight = torch.randn(16, 200)
+    qw = quantize_weight(weight, WeightQuantSpec(bits, 64, symmetric))
+    err = (qw.dequantize() - weight).abs()
+    # symmetric grids lose the top code on the positive side: allow one full step there
+    bound = _scale_per_element(qw, 200) * (1.0 if symmetric else 0.5) + 1e-6
+    assert torch.all(err <= bound)
+    assert int(qw.codes.max()) < (1 << qw.container_bits)
+
+
+def test_more_bits_means_less_error():
+    weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(1))
+    errors = [
+        (quantize_weight(weight, WeightQuantSpec(b, 128)).dequantize() - weight).pow(2).mean()
+        for b in (2, 3, 4, 8)
+    ]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_mse_clip_never_worse_and_helps_with_outliers():
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    weight[:, 0] *= 20  # one outlier per row stretches every first group's range
+    plain = quantize_weight(weight, WeightQuantSpec(3, 128))
+    clipped = quantize_weight(weight, WeightQuantSpec(3, 128, mse_clip=True))
+    mse_plain = (plain.dequantize() - weight).pow(2).mean()
+    mse_clipped = (clipped.dequantize() - weight).pow(2).mean()
+    assert mse_clipped < 0.9 * mse_plain
+
+
+def test_partial_last_group_uses_only_its_own_values():
+    weight = torch.zeros(1, 130)
+    weight[0, :128] = torch.linspace(-100, 100, 128)
+    weight[0, 128:] = torch.tensor([0.25, -0.5])
+    qw = quantize_weight(weight, WeightQuantSpec(4, 128))
+    assert qw.scales.shape == (1, 2)
+    assert qw.scales[0, 1] < 0.1  # not stretched by the first group's range
+    assert torch.allclose(qw.dequantize()[0, 128:], weight[0, 128:], atol=0.03)
+
+
+def test_symmetric_has_no_zero_points_and_codes_centred():
+    qw = quantize_weight(torch.randn(4, 64), WeightQuantSpec(4, 32, symmetric=True))
+    assert qw.zeros is None
+    assert 0 <= int(qw.codes.min()) and int(qw.codes.max()) <= 15
+    zero_weight = quantize_weight(torch.zeros(2, 32), WeightQuantSpec(4, 32, symmetric=True))
+    assert torch.all(zero_weight.codes == 8)
+
+
+def test_per_channel_has_one_scale_per_row():
+    qw = quantize_weight(torch.randn(8, 576), WeightQuantSpec(8, 0))
+    assert qw.scales.shape == (8, 1)
+    assert qw.group_size == 1024
