@@ -125,6 +125,27 @@ def eval_(bundle, text, windows, seq_len, source, reference) -> None:
 
 
 @cli.command()
+@click.argument("fp32_bundle", type=click.Path(path_type=pathlib.Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=pathlib.Path))
+@click.option("--algo", default="rtn", show_default=True, type=click.Choice(["rtn", "hqq"]))
+@click.option("--bits", default=4, show_default=True, type=click.Choice(["4", "8"]))
+@click.option("--block-size", default=128, show_default=True, type=int)
+@click.option("--symmetric", is_flag=True)
+@click.option("--lm-head-bits", default="8", show_default=True, type=click.Choice(["8", "4",
+              "float"]), help="how the lm_head is quantized (ours: 8-bit per channel)")
+@click.option("--force", is_flag=True)
+def peer(fp32_bundle, output, algo, bits, block_size, symmetric, lm_head_bits, force) -> None:
+    """Quantize an fp32 bundle with ONNX Runtime's matmul_nbits_quantizer (peer baseline)."""
+    from qcompile.runtimes.peer_ort_quantizer import quantize_with_ort
+
+    head = None if lm_head_bits == "float" else int(lm_head_bits)
+    report = quantize_with_ort(fp32_bundle, output, algo, int(bits), block_size, symmetric,
+                               head, force)
+    console.print(f"[bold green]peer bundle[/bold green] {output}: "
+                  f"{report['sizes']['model_bytes']:,} model bytes ({report['recipe']['name']})")
+
+
+@cli.command()
 def recipes() -> None:
     """List the built-in recipes."""
     from qcompile.recipes import BUILTIN_RECIPES

@@ -50,9 +50,17 @@ def prepare_request(recipe_name: str, target_name: str) -> tuple[Recipe, Target]
 
 
 def build_stages(
-    loaded: LoadedModel, recipe: Recipe, keep_snapshots: bool, timings: dict
+    loaded: LoadedModel,
+    recipe: Recipe,
+    keep_snapshots: bool,
+    timings: dict,
+    recapture: bool = True,
 ) -> Stages:
-    """Capture ``loaded`` and run ``recipe``'s passes; optionally keep per-stage copies."""
+    """Capture ``loaded`` and run ``recipe``'s passes; optionally keep per-stage copies.
+
+    ``recapture=False`` skips the final ``torch.export`` (callers that only run the torch
+    stages need no ExportedProgram; ``Stages.program`` is then the pre-pass capture).
+    """
     with step("capturing with torch.export", timings, "capture_s"):
         program = capture(loaded.model)
         module = program.module()
@@ -66,7 +74,7 @@ def build_stages(
 
     with step(f"running recipe {recipe.name} ({len(recipe.steps)} passes)", timings, "passes_s"):
         module = run_passes(module, recipe.instantiate(context), on_stage=snapshot)
-    if recipe.steps:
+    if recipe.steps and recapture:
         with step("re-capturing the quantized program", timings, "recapture_s"):
             program = capture(module)
     return Stages(loaded, loaded.model, exported, snapshots, module, program, context)

@@ -10,6 +10,8 @@ from rich.console import Console
 __all__ = ["console", "step", "progress_bar"]
 
 console = Console(stderr=True, highlight=False)
+if not console.is_terminal:  # logs and CI: wide enough that tables do not wrap
+    console.width = 140
 
 
 @contextlib.contextmanager

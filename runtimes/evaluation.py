@@ -54,7 +54,8 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
     if reference:
         data = {k: v for k, v in report["recipe"].items() if k != "source"}
         recipe = recipe_from_dict(data, data["name"], "report.json")
-        stages = build_stages(loaded, recipe, keep_snapshots=False, timings={})
+        stages = build_stages(loaded, recipe, keep_snapshots=False, timings={},
+                              recapture=False)
         results["bundle_torch_reference"] = perplexity(
             TorchRunner(stages.final), ids, "bundle (torch reference)")
     update_report(bundle, "perplexity", results)

@@ -123,7 +123,7 @@ class _Ladder:
         names = layer_taps.onnx_layer_values(proto, self.layers_path, self.layer_count)
         if None in names:
             return None
-        with tempdir() as work:
+        with tempdir(runner.model_path.parent.parent) as work:
             path = with_extra_outputs(runner.model_path, names, work)
             optimized = runner.name == "ort-fused"
             tapped = OrtRunner(path, optimized, self.report["target"]["accuracy_level"])
@@ -208,7 +208,8 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
     report = read_report(bundle)
     recipe = _recipe_of(report)
     loaded = load_model(source or report["source"]["path"])
-    stages = build_stages(loaded, recipe, keep_snapshots=True, timings={})
+    stages = build_stages(loaded, recipe, keep_snapshots=True, timings={},
+                          recapture=False)
     inputs = verification_inputs(loaded.tokenizer, loaded.config.vocab_size)
     ladder = _Ladder(stages, bundle, report, inputs)
     for name, runner, against, tolerance in _ladder_plan(stages, report, bundle):

@@ -56,8 +56,9 @@ def tap_fx(gm: torch.fx.GraphModule, nodes: list) -> torch.fx.GraphModule:
     output = tapped.graph.output_node()
     tapped.graph.erase_node(output)
     tapped.graph.output((output.args[0], *taps))
-    tapped._out_spec = None
-    tapped._in_spec = gm._in_spec
+    codegen = tapped.graph._codegen
+    if getattr(codegen, "pytree_info", None) is not None:  # return the flat tuple as-is
+        codegen.pytree_info = codegen.pytree_info._replace(out_spec=None)
     tapped.recompile()
     return tapped
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import tempfile
 
 import numpy as np
@@ -65,10 +66,19 @@ def with_extra_outputs(model_path: pathlib.Path, names: list[str], workdir: str)
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     out = pathlib.Path(workdir) / model_path.name
     for data in model_path.parent.glob(model_path.name + ".data"):
-        os.symlink(data.resolve(), pathlib.Path(workdir) / data.name)
+        _link_or_copy(data, pathlib.Path(workdir) / data.name)
     onnx.save(model, str(out))
     return out
 
 
-def tempdir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="qcompile-taps-")
+def _link_or_copy(source: pathlib.Path, destination: pathlib.Path) -> None:
+    """Hard link (ORT refuses external data reached through a symlink), else copy."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def tempdir(near: pathlib.Path) -> tempfile.TemporaryDirectory:
+    """A scratch directory on the same filesystem as ``near`` (so hard links work)."""
+    return tempfile.TemporaryDirectory(prefix=".qcompile-taps-", dir=near)

@@ -1,0 +1,91 @@
+"""Peer baseline: ONNX Runtime's own ``matmul_nbits_quantizer`` applied to our fp32 export.
+
+Produces a bundle-shaped directory (``model.onnx`` + data, tokenizer, ``report.json``) so
+``qcompile eval`` scores it exactly like ours. The lm_head is treated as our recipes treat it:
+quantized on its own (``lm_head_bits``, per channel by default) or kept in float, instead of the
+quantizer's default of 4 bits like every other MatMul.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+
+import onnx
+
+from qcompile.bundle import atomic_directory, directory_bytes, read_report, write_report
+from qcompile.errors import QcompileError
+from qcompile.lowering.export_onnx import DATA_FILE, MODEL_FILE
+
+__all__ = ["quantize_with_ort", "ALGORITHMS"]
+
+ALGORITHMS = ("rtn", "hqq")
+
+
+def _lm_head_node(model: onnx.ModelProto) -> str:
+    """The MatMul that produces the logits (the graph output)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get(model.graph.output[0].name)
+    while node is not None and node.op_type != "MatMul":
+        node = producers.get(node.input[0])
+    if node is None:
+        raise QcompileError("cannot find the lm_head MatMul in the fp32 model",
+                            "pass a bundle compiled with --recipe fp32")
+    return node.name
+
+
+def _quantize(model, algo: str, bits: int, block_size: int, symmetric: bool,
+              include=None, exclude=None, per_channel=False) -> onnx.ModelProto:
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    if algo == "hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
+    else:
+        config = mnq.DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=symmetric, bits=bits,
+            channel_wised_quantize=per_channel)
+    quantizer = mnq.MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+        nodes_to_include=include, nodes_to_exclude=exclude, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
+                      block_size: int = 128, symmetric: bool = False,
+                      lm_head_bits: int | None = 8, force: bool = False) -> dict:
+    """Quantize ``fp32_bundle``'s model with ORT's quantizer into the bundle ``out_dir``."""
+    if algo not in ALGORITHMS:
+        raise QcompileError(f"unknown ORT algorithm {algo!r}", f"choose {', '.join(ALGORITHMS)}")
+    fp32_bundle, out_dir = pathlib.Path(fp32_bundle), pathlib.Path(out_dir)
+    source_report = read_report(fp32_bundle)
+    if source_report["recipe"]["passes"]:
+        raise QcompileError(f"{fp32_bundle} is not an fp32 bundle", "compile with --recipe fp32")
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    model = onnx.load(str(fp32_bundle / MODEL_FILE))
+    lm_head = _lm_head_node(model)
+    model = _quantize(model, algo, bits, block_size, symmetric, exclude=[lm_head])
+    if lm_head_bits is not None:
+        model = _quantize(model, "rtn", lm_head_bits, 128, False, include=[lm_head],
+                          per_channel=True)
+    with atomic_directory(out_dir, force) as tmp:
+        onnx.save(model, str(tmp / MODEL_FILE), save_as_external_data=True,
+                  location=DATA_FILE, size_threshold=1024)
+        for path in fp32_bundle.iterdir():
+            if path.name not in (MODEL_FILE, DATA_FILE, "report.json") and path.is_file():
+                shutil.copy2(path, tmp / path.name)
+        report = {
+            "peer": "onnxruntime.quantization.matmul_nbits_quantizer",
+            "source": source_report["source"],
+            "recipe": {"name": f"ort-{algo}-w{bits}-b{block_size}", "passes": [],
+                       "description": f"ORT {algo}, {bits}-bit, block {block_size}, "
+                       f"{'sym' if symmetric else 'asym'}; lm_head "
+                       f"{'float' if lm_head_bits is None else f'{lm_head_bits}-bit per-channel'}"},
+            "target": {"name": "ort", "opset": 21, "accuracy_level": 4},
+            "sizes": {"model_bytes": (tmp / MODEL_FILE).stat().st_size
+                      + (tmp / DATA_FILE).stat().st_size},
+        }
+        report["sizes"]["bundle_bytes"] = directory_bytes(tmp)
+        write_report(tmp, report)
+    return report
