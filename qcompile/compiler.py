@@ -104,7 +104,7 @@ def compile_bundle(
     target_name: str,
     out_dir: pathlib.Path,
     force: bool = False,
-    accuracy_level: int = 4,
+    accuracy_level: int = 0,
 ) -> dict:
     """Compile ``source`` with ``recipe`` for ``target`` into the bundle ``out_dir``."""
     start = time.perf_counter()

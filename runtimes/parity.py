@@ -13,9 +13,10 @@ before it, with the tolerance written next to the stage.
 "rel. max error" is ``max|a - b| / max|b|`` over the logits. Where ONNX Runtime computes a
 quantized MatMul with int8 activations (``accuracy_level`` 4: ``MatMulNBits`` of the ``ort``
 target, and the fused ``DQ -> MatMulNBits`` of ``onnx-qdq``) the outputs cannot match float
-math to 1e-4; there the bound is relative L2 error <= 0.05 and top-1 agreement >= 0.90 (the
-measured values on SmolLM2 are ~10x inside both; see README). A failing stage is localised to
-the first decoder layer whose output exceeds the same bound.
+math to 1e-4; there the bound is relative L2 error <= 0.05 and top-1 agreement >= 0.90
+(measured on SmolLM2 w4 g128 with accuracy level 4: rel. L2 0.034 unfused / 0.040 fused,
+top-1 0.969). The default accuracy level is 0 (float32), which is held to 1e-4. A failing stage
+is localised to the first decoder layer whose output exceeds the same bound.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN
 from qcompile.weight_format import unpack_codes, unpack_zero_points
 
-__all__ = ["contrib_to_qdq"]
+__all__ = ["contrib_to_qdq", "padded_per_channel_to_qdq"]
 
 _SIGNED = {4: ml_dtypes.int4, 8: np.int8}
 _UNSIGNED = {4: ml_dtypes.uint4, 8: np.uint8}
@@ -81,6 +81,8 @@ def _weight_dq(graph, node: ir.Node, name: str) -> ir.Node:
 def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node]) -> None:
     graph.insert_before(old, new_nodes)
     old_name = old.outputs[0].name
+    new_nodes[-1].outputs[0].type = old.outputs[0].type
+    new_nodes[-1].outputs[0].shape = old.outputs[0].shape
     ir.convenience.replace_all_uses_with(
         old.outputs[0], new_nodes[-1].outputs[0], replace_graph_outputs=True
     )
@@ -129,4 +131,24 @@ def contrib_to_qdq(model: ir.Model) -> ir.Model:
     model.opset_imports.pop(MICROSOFT_DOMAIN, None)
     if model.opset_imports.get("", 0) < 21:
         raise ValueError("onnx-qdq needs opset 21 or newer (int4 and blocked DequantizeLinear)")
+    return model
+
+
+def _is_padded_per_channel(node: ir.Node) -> bool:
+    return (
+        node.op_type == "MatMulNBits"
+        and _attr(node, "bits") in (4, 8)
+        and node.inputs[2].shape is not None
+        and node.inputs[2].shape[1] == 1
+        and _attr(node, "block_size") > _attr(node, "K")
+    )
+
+
+def padded_per_channel_to_qdq(model: ir.Model) -> ir.Model:
+    """Per-channel MatMulNBits whose one block is zero-padded past K (K = 576 -> 1024) to
+    per-axis DQ + MatMul: the file stores exactly K codes per row, and ONNX Runtime fuses the
+    pair back into MatMulNBits when the session is created."""
+    for node in list(model.graph):
+        if node.domain == MICROSOFT_DOMAIN and _is_padded_per_channel(node):
+            _lower_matmul_nbits(model.graph, node)
     return model

@@ -17,7 +17,7 @@ import onnx_ir.passes.common as common_passes
 import torch
 
 from qcompile.capture import LOGITS_SIGNATURE, ExportSignature
-from qcompile.lowering.contrib_to_qdq import contrib_to_qdq
+from qcompile.lowering.contrib_to_qdq import contrib_to_qdq, padded_per_channel_to_qdq
 from qcompile.lowering.targets import Target
 
 __all__ = ["export_onnx", "MODEL_FILE", "DATA_FILE", "OPSET"]
@@ -25,7 +25,10 @@ __all__ = ["export_onnx", "MODEL_FILE", "DATA_FILE", "OPSET"]
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 OPSET = 21
-_POST_EXPORT = {"contrib_to_qdq": contrib_to_qdq}
+_POST_EXPORT = {
+    "contrib_to_qdq": contrib_to_qdq,
+    "padded_per_channel_to_qdq": padded_per_channel_to_qdq,
+}
 
 
 def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int) -> ir.Model:
@@ -58,7 +61,7 @@ def export_onnx(
     ep: torch.export.ExportedProgram,
     target: Target,
     out_dir: pathlib.Path,
-    accuracy_level: int = 4,
+    accuracy_level: int = 0,
     signature: ExportSignature = LOGITS_SIGNATURE,
 ) -> pathlib.Path:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``) and return the model path."""

@@ -3,6 +3,9 @@
 | target   | linear weights                     | embedding          | ONNX ops                     |
 |----------|------------------------------------|--------------------|------------------------------|
 | ort      | 2/3/4/8-bit, groups or per-channel | 2/3/4/8-bit        | MatMulNBits, GatherBlockQuantized |
+
+(``ort`` writes a per-channel weight whose K is not a power of two as DequantizeLinear + MatMul,
+which ONNX Runtime fuses into MatMulNBits at load time, instead of zero-padding its one block.)
 | onnx-qdq | 3/4/8-bit (int4/uint4, int8/uint8) | 8-bit              | DequantizeLinear + MatMul / Gather |
 
 A request the target cannot represent is refused before the model is loaded, naming the fix.
@@ -63,6 +66,7 @@ TARGETS = {
         "ONNX Runtime contrib ops (MatMulNBits, GatherBlockQuantized)",
         linear_bits=(2, 3, 4, 8),
         embedding_bits=(2, 3, 4, 8),
+        post_export=("padded_per_channel_to_qdq",),
     ),
     "onnx-qdq": Target(
         "onnx-qdq",
