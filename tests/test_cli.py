@@ -77,3 +77,15 @@ def test_verify_and_eval_refuse_a_non_bundle(tmp_path):
     for command in ("verify", "eval"):
         result = run_cli(command, str(tmp_path))
         assert result.returncode == 2 and "not a qcompile bundle" in result.stderr
+
+
+def test_truncated_weights_file(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = run_cli("compile", str(model), "-o", str(tmp_path / "b"))
+    assert result.returncode == 2 and "cannot load model weights" in result.stderr
+    assert _leftovers(tmp_path) == ["model"]

@@ -1,0 +1,61 @@
+"""The RTN and packing passes on a captured tiny Llama: what they replace, and what they keep."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from qcompile.capture import capture
+from qcompile.models import load_model
+from qcompile.pass_infra import PassContext, run_passes
+from qcompile.recipes import recipe_from_dict
+
+_LINEAR = torch.ops.aten.linear.default
+_QLINEAR = torch.ops.qcompile.linear_wNa16.default
+_QEMBED = torch.ops.qcompile.embedding_wN.default
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir("llama")))
+
+
+def _run(loaded, options):
+    recipe = recipe_from_dict({"passes": [{"quantize_weights_rtn": options}, "pack_weights"]},
+                              "t", "test")
+    context = PassContext(loaded.model_type, loaded.config, model=loaded.model)
+    stages = {}
+    gm = run_passes(capture(loaded.model).module(), recipe.instantiate(context),
+                    on_stage=lambda name, g: stages.setdefault(name, True))
+    counts = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+    return gm, counts, context, stages
+
+
+def test_every_linear_and_the_embedding_become_qcompile_ops(loaded):
+    gm, counts, context, stages = _run(loaded, {"bits": 4, "group_size": 32})
+    assert counts[_QLINEAR] == 2 * 7 + 1 and counts[_QEMBED] == 1 and counts[_LINEAR] == 0
+    assert set(stages) == {"fake-quant", "lowered"}
+    assert context.layers["lm_head"]["format"] == "int8 per-channel asym"
+    assert context.layers["model.layers.1.mlp.up_proj"]["format"] == "int4 g32 asym"
+    assert not any(name.endswith("weight_fake_quant") for name, _ in gm.named_buffers())
+    float_weights = [n for n, p in gm.named_parameters() if p.dim() == 2]
+    assert float_weights == []  # no float copy of a quantized weight is left to export
+
+
+def test_keep_float_and_float_lm_head(loaded):
+    _, counts, context, _ = _run(loaded, {"keep_float": ["*.down_proj"], "lm_head": None,
+                                          "embedding": None})
+    assert counts[_QLINEAR] == 2 * 6 and counts[_LINEAR] == 2 + 1 and counts[_QEMBED] == 0
+    assert context.layers["model.layers.0.mlp.down_proj"]["format"] == "float32"
+
+
+def test_quantized_graph_is_close_to_float_and_8bit_closer_than_3bit(loaded):
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        reference = loaded.model(**inputs, use_cache=False).logits
+        errors = {bits: (_run(loaded, {"bits": bits, "group_size": 32})[0](**inputs)
+                         - reference).pow(2).mean().item() for bits in (3, 8)}
+    assert 0 < errors[8] < errors[3] / 10
