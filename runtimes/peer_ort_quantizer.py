@@ -2,8 +2,9 @@
 
 Produces a bundle-shaped directory (``model.onnx`` + data, tokenizer, ``report.json``) so
 ``qcompile eval`` scores it exactly like ours. The lm_head is treated as our recipes treat it:
-quantized on its own (``lm_head_bits``, per channel by default) or kept in float, instead of the
-quantizer's default of 4 bits like every other MatMul.
+quantized on its own at ``lm_head_bits`` (8 by default, in blocks of 128: the quantizer has no
+per-channel 8-bit form, so the peer's lm_head is slightly finer than ours) or kept in float,
+instead of the quantizer's default of 4 bits like every other MatMul.
 """
 
 from __future__ import annotations
@@ -35,18 +36,41 @@ def _lm_head_node(model: onnx.ModelProto) -> str:
     return node.name
 
 
+def _materialize_lm_head_weight(model: onnx.ModelProto, lm_head: str) -> None:
+    """Our fp32 export keeps the tied embedding once and feeds the lm_head through
+    ``Transpose``; ORT's quantizer only quantizes a MatMul whose weight is an initializer, so
+    give the lm_head its own transposed copy (as an untied export would have)."""
+    from onnx import numpy_helper
+
+    node = next(n for n in model.graph.node if n.name == lm_head)
+    producer = next((n for n in model.graph.node if node.input[1] in n.output), None)
+    initializers = {t.name: t for t in model.graph.initializer}
+    if producer is None or producer.op_type != "Transpose" or \
+            producer.input[0] not in initializers:
+        return
+    weight = numpy_helper.to_array(initializers[producer.input[0]]).T.copy()
+    model.graph.initializer.append(numpy_helper.from_array(weight, "lm_head.weight_kn"))
+    node.input[1] = "lm_head.weight_kn"
+    if not any(producer.output[0] in n.input for n in model.graph.node):
+        model.graph.node.remove(producer)
+
+
 def _quantize(model, algo: str, bits: int, block_size: int, symmetric: bool,
               include=None, exclude=None, per_channel=False) -> onnx.ModelProto:
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
+    from onnxruntime.quantization import QuantFormat
+
+    # per-channel is only implemented for the QDQ output form (DQ + MatMul, fused by ORT)
+    fmt = QuantFormat.QDQ if per_channel else QuantFormat.QOperator
     if algo == "hqq":
         config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
     else:
         config = mnq.DefaultWeightOnlyQuantConfig(
-            block_size=block_size, is_symmetric=symmetric, bits=bits,
+            block_size=block_size, is_symmetric=symmetric, bits=bits, quant_format=fmt,
             channel_wised_quantize=per_channel)
     quantizer = mnq.MatMulNBitsQuantizer(
-        model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+        model, bits=bits, block_size=block_size, is_symmetric=symmetric, quant_format=fmt,
         nodes_to_include=include, nodes_to_exclude=exclude, algo_config=config)
     quantizer.process()
     return quantizer.model.model
@@ -65,10 +89,12 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     model = onnx.load(str(fp32_bundle / MODEL_FILE))
     lm_head = _lm_head_node(model)
+    _materialize_lm_head_weight(model, lm_head)
     model = _quantize(model, algo, bits, block_size, symmetric, exclude=[lm_head])
     if lm_head_bits is not None:
-        model = _quantize(model, "rtn", lm_head_bits, 128, False, include=[lm_head],
-                          per_channel=True)
+        # ORT's quantizer does 8 bits only as MatMulNBits (QOperator) and per-channel only as
+        # QDQ, so its lm_head gets 8-bit blocks of 128: finer than our per-channel, never worse
+        model = _quantize(model, "rtn", lm_head_bits, 128, False, include=[lm_head])
     with atomic_directory(out_dir, force) as tmp:
         onnx.save(model, str(tmp / MODEL_FILE), save_as_external_data=True,
                   location=DATA_FILE, size_threshold=1024)
@@ -81,7 +107,7 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
             "recipe": {"name": f"ort-{algo}-w{bits}-b{block_size}", "passes": [],
                        "description": f"ORT {algo}, {bits}-bit, block {block_size}, "
                        f"{'sym' if symmetric else 'asym'}; lm_head "
-                       f"{'float' if lm_head_bits is None else f'{lm_head_bits}-bit per-channel'}"},
+                       f"{'float' if lm_head_bits is None else f'{lm_head_bits}-bit, blocks of 128'}"},
             "target": {"name": "ort", "opset": 21, "accuracy_level": 4},
             "sizes": {"model_bytes": (tmp / MODEL_FILE).stat().st_size
                       + (tmp / DATA_FILE).stat().st_size},
