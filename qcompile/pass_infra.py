@@ -12,6 +12,7 @@ imported. A failing pass is reported with its name and the passes that ran befor
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, ClassVar
 
@@ -90,8 +91,7 @@ def get_pass(name: str) -> type[QPass]:
 
 def _check_type(value, annotation, where: str):
     """Accept ``value`` for a field annotated ``int``/``float``/``bool``/``str``/dataclass."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None

@@ -21,8 +21,8 @@ __all__ = ["ReferenceRunner", "MAX_REFERENCE_PARAMETERS"]
 MAX_REFERENCE_PARAMETERS = 20_000_000
 
 
-def _container_to_bits(bits: int) -> int:
-    return 8 if bits == 8 else bits
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(array))  # a writable copy: evaluator arrays are read-only
 
 
 class MatMulNBits(OpRun):
@@ -30,9 +30,9 @@ class MatMulNBits(OpRun):
 
     def _run(self, a, b, scales, zero_points=None, g_idx=None, bias=None, K=None, N=None,
              bits=4, block_size=None, accuracy_level=None):
-        zp = None if zero_points is None else torch.from_numpy(zero_points)
-        weight = dequantize_packed(torch.from_numpy(b), torch.from_numpy(scales), zp,
-                                   _container_to_bits(bits), block_size, K).numpy()
+        zp = None if zero_points is None else _tensor(zero_points)
+        # ``bits`` is the container width (2, 4 or 8), which decodes 3-bit codes as well
+        weight = dequantize_packed(_tensor(b), _tensor(scales), zp, bits, block_size, K).numpy()
         y = a @ weight.T
         return ((y + bias) if bias is not None else y).astype(a.dtype),
 
@@ -43,11 +43,10 @@ class GatherBlockQuantized(OpRun):
     def _run(self, data, indices, scales, zero_points=None, bits=4, block_size=128,
              gather_axis=0, quantize_axis=1):
         rows = data.shape[0]
-        packed = torch.from_numpy(data).reshape(rows, scales.shape[1], -1)
-        zp = None if zero_points is None else torch.from_numpy(zero_points)
+        packed = _tensor(data).reshape(rows, scales.shape[1], -1)
+        zp = None if zero_points is None else _tensor(zero_points)
         dim = scales.shape[1] * block_size
-        table = dequantize_packed(packed, torch.from_numpy(scales), zp,
-                                  _container_to_bits(bits), block_size, dim).numpy()
+        table = dequantize_packed(packed, _tensor(scales), zp, bits, block_size, dim).numpy()
         return table[indices].astype(scales.dtype),
 
 
