@@ -24,7 +24,14 @@ import yaml
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import PassContext, QPass, build_options, get_pass
 
-__all__ = ["Recipe", "PassStep", "BUILTIN_RECIPES", "load_recipe", "recipe_from_dict"]
+__all__ = [
+    "Recipe",
+    "PassStep",
+    "BUILTIN_RECIPES",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_of_report",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,3 +151,9 @@ def load_recipe(name_or_path: str) -> Recipe:
         f"unknown recipe {name_or_path!r}",
         f"built-in recipes: {', '.join(BUILTIN_RECIPES)}; or pass a .yaml/.json file",
     )
+
+
+def recipe_of_report(report: dict) -> Recipe:
+    """The recipe a bundle was compiled with, from its ``report.json`` (verify and eval)."""
+    data = {k: v for k, v in report["recipe"].items() if k != "source"}
+    return recipe_from_dict(data, data["name"], report["recipe"].get("source", "report.json"))

@@ -12,7 +12,7 @@ from qcompile.compiler import build_stages
 from qcompile.console import step
 from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.models import load_model
-from qcompile.recipes import recipe_from_dict
+from qcompile.recipes import recipe_of_report
 from qcompile.runtimes.evaluate import perplexity
 from qcompile.runtimes.ort_runner import OrtRunner
 from qcompile.runtimes.torch_runner import TorchRunner
@@ -52,10 +52,8 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
     if source:
         results["fp32_source"] = perplexity(TorchRunner(loaded.model), ids, "fp32 source (torch)")
     if reference:
-        data = {k: v for k, v in report["recipe"].items() if k != "source"}
-        recipe = recipe_from_dict(data, data["name"], "report.json")
-        stages = build_stages(loaded, recipe, keep_snapshots=False, timings={},
-                              recapture=False)
+        stages = build_stages(loaded, recipe_of_report(report), keep_snapshots=False,
+                              timings={}, recapture=False)
         results["bundle_torch_reference"] = perplexity(
             TorchRunner(stages.final), ids, "bundle (torch reference)")
     update_report(bundle, "perplexity", results)

@@ -19,7 +19,7 @@ from qcompile.compiler import Stages, build_stages
 from qcompile.console import console, step
 from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.models import load_model
-from qcompile.recipes import recipe_from_dict
+from qcompile.recipes import recipe_of_report
 from qcompile.runtimes import layer_taps
 from qcompile.runtimes.onnx_reference_runner import MAX_REFERENCE_PARAMETERS, ReferenceRunner
 from qcompile.runtimes.ort_runner import OrtRunner, tempdir, with_extra_outputs
@@ -65,11 +65,6 @@ def verification_inputs(tokenizer, vocab: int, batch: int = 2, length: int = 48)
         ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
     ids = ids.numpy().astype(np.int64)
     return ids, np.ones_like(ids)
-
-
-def _recipe_of(report: dict):
-    data = {k: v for k, v in report["recipe"].items() if k != "source"}
-    return recipe_from_dict(data, data["name"], report["recipe"].get("source", "report.json"))
 
 
 def _int8_compute(report: dict, fused: bool) -> bool:
@@ -206,7 +201,7 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
     """Run the ladder for ``bundle``; record and return the summary (``passed`` overall)."""
     bundle = pathlib.Path(bundle)
     report = read_report(bundle)
-    recipe = _recipe_of(report)
+    recipe = recipe_of_report(report)
     loaded = load_model(source or report["source"]["path"])
     stages = build_stages(loaded, recipe, keep_snapshots=True, timings={},
                           recapture=False)
