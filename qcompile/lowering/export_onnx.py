@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import pathlib
+import warnings
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -33,7 +35,11 @@ _POST_EXPORT = {
 
 def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int) -> ir.Model:
     quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet):
+    # torch.onnx logs a warning per missing torchvision op and pytree deprecation notices;
+    # none concern LLM export, and they bury qcompile's own progress lines
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(
             ep,
             dynamo=True,
