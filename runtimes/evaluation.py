@@ -10,6 +10,7 @@ import pathlib
 from qcompile.bundle import read_report, update_report
 from qcompile.compiler import build_stages
 from qcompile.console import step
+from qcompile.errors import QcompileError
 from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.models import load_model
 from qcompile.recipes import recipe_of_report
@@ -36,8 +37,6 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
     bundle = pathlib.Path(bundle)
     report = read_report(bundle)
     if not (bundle / MODEL_FILE).is_file():
-        from qcompile.errors import QcompileError
-
         raise QcompileError(f"{bundle} has no {MODEL_FILE}", "re-compile the bundle")
     tokenizer = _bundle_tokenizer(bundle)
     ids = token_windows(token_ids(tokenizer, text, "evaluation"), seq_len, windows)

@@ -16,7 +16,8 @@ from onnx import numpy_helper
 
 from qcompile.bundle import read_report, update_report
 from qcompile.compiler import Stages, build_stages
-from qcompile.console import console, step
+from qcompile.console import step
+from qcompile.errors import QcompileError
 from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.models import load_model
 from qcompile.recipes import recipe_of_report
@@ -52,7 +53,6 @@ class StageOutcome:
 
 def verification_inputs(tokenizer, vocab: int, batch: int = 2, length: int = 48):
     """Two real text windows where the tokenizer gives them, else seeded random ids."""
-    from qcompile.errors import QcompileError
     from qcompile.text_data import token_ids, token_windows
 
     ids = None
@@ -86,6 +86,7 @@ class _Ladder:
         self.outputs: dict[str, np.ndarray] = {}
         self.runners: dict[str, object] = {}
         self.results: list[StageOutcome] = []
+        self._layer_outputs: dict[str, list[np.ndarray] | None] = {}
 
     def run(self, name: str, runner, against: str, tolerance: Tolerance) -> StageOutcome:
         with step(f"stage {name} (vs {against})"):
@@ -100,6 +101,13 @@ class _Ladder:
         return outcome
 
     def layer_outputs(self, name: str) -> list[np.ndarray] | None:
+        """Each decoder layer's output for stage ``name`` (tapped once, then reused: both ORT
+        stages are compared with the same torch stage)."""
+        if name not in self._layer_outputs:
+            self._layer_outputs[name] = self._tap_layers(name)
+        return self._layer_outputs[name]
+
+    def _tap_layers(self, name: str) -> list[np.ndarray] | None:
         runner = self.runners[name]
         if name == "eager":
             model = self.stages.eager
