@@ -17,8 +17,9 @@ import torch
 
 from qcompile import __version__
 from qcompile.bundle import atomic_directory, check_output, directory_bytes, write_report
-from qcompile.capture import LOGITS_SIGNATURE, capture
+from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step
+from qcompile.genai_config import write_genai_config
 from qcompile.lowering.export_onnx import DATA_FILE, MODEL_FILE, export_onnx
 from qcompile.lowering.targets import Target, get_target
 from qcompile.models import LoadedModel, load_model
@@ -61,11 +62,13 @@ def build_stages(
     ``recapture=False`` skips the final ``torch.export`` (callers that only run the torch
     stages need no ExportedProgram; ``Stages.program`` is then the pre-pass capture).
     """
-    with step("capturing with torch.export", timings, "capture_s"):
-        program = capture(loaded.model)
-        module = program.module()
+    signature = decoder_signature(loaded.model)
+    with step("capturing the KV-cache decoder with torch.export", timings, "capture_s"):
+        program = capture(loaded.model, signature)
+        module = unlift(program)
     exported = copy.deepcopy(module) if keep_snapshots else None
-    context = PassContext(loaded.model_type, loaded.config, model=loaded.model)
+    context = PassContext(loaded.model_type, loaded.config, model=loaded.model,
+                          signature=signature)
     snapshots: dict[str, torch.nn.Module] = {}
 
     def snapshot(stage: str, gm: torch.fx.GraphModule) -> None:
@@ -76,7 +79,7 @@ def build_stages(
         module = run_passes(module, recipe.instantiate(context), on_stage=snapshot)
     if recipe.steps and recapture:
         with step("re-capturing the quantized program", timings, "recapture_s"):
-            program = capture(module)
+            program = capture(module, context.signature)
     return Stages(loaded, loaded.model, exported, snapshots, module, program, context)
 
 
@@ -90,8 +93,7 @@ def _report(loaded, recipe, target, stages, accuracy_level, timings, bundle) -> 
                    "model_type": loaded.model_type},
         "recipe": recipe.to_dict(),
         "target": {"name": target.name, "opset": 21, "accuracy_level": accuracy_level},
-        "signature": {"inputs": list(LOGITS_SIGNATURE.input_names),
-                      "outputs": list(LOGITS_SIGNATURE.output_names)},
+        "signature": stages.context.signature.to_dict(),
         "layers": stages.context.layers,
         "sizes": {"model_bytes": model_bytes, "bundle_bytes": directory_bytes(bundle)},
         "timings": timings,
@@ -117,9 +119,11 @@ def compile_bundle(
     stages = build_stages(loaded, recipe, keep_snapshots=False, timings=timings)
     with atomic_directory(out_dir, force) as tmp:
         with step(f"lowering to ONNX for target {target.name}", timings, "lower_s"):
-            export_onnx(stages.program, target, tmp, accuracy_level)
+            export_onnx(stages.program, target, tmp, accuracy_level, stages.context.signature)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
+        write_genai_config(tmp, loaded.config, loaded.model_type, stages.context.signature,
+                           loaded.tokenizer)
         timings["compile_s"] = round(time.perf_counter() - start, 3)
         report = _report(loaded, recipe, target, stages, accuracy_level, timings, tmp)
         write_report(tmp, report)

@@ -39,6 +39,8 @@ class PassContext:
     model_type: str
     config: Any = None
     model: Any = None
+    #: the decoder's export signature; a pass that changes the cache (KV quant) replaces it
+    signature: Any = None
     layers: dict[str, dict] = dataclasses.field(default_factory=dict)
     passes_run: list[dict] = dataclasses.field(default_factory=list)
 

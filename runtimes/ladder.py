@@ -130,7 +130,7 @@ class _Ladder:
             path = with_extra_outputs(runner.model_path, names, work)
             optimized = runner.name == "ort-fused"
             tapped = OrtRunner(path, optimized, self.report["target"]["accuracy_level"])
-            return tapped.run(*self.inputs)[1:]
+            return tapped.run(*self.inputs, output_names=names)
 
     def first_diverging_layer(self, name: str, against: str, tolerance: Tolerance):
         try:

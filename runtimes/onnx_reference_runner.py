@@ -9,6 +9,7 @@ implementation. ONNX Runtime's contrib ops have no reference there, so ``MatMulN
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import torch
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
@@ -63,4 +64,19 @@ class ReferenceRunner:
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64),
                  "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        feeds.update(_empty_cache(self.evaluator.proto_.graph, len(input_ids)))
         return self.evaluator.run(None, feeds)[0]
+
+
+def _empty_cache(graph: onnx.GraphProto, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length past feeds (the first decoder step), shaped from the graph inputs."""
+    feeds = {}
+    for value in graph.input:
+        if not value.name.startswith("past_key_values."):
+            continue
+        tensor_type = value.type.tensor_type
+        shape = [batch if i == 0 else 0 if "past" in d.dim_param else d.dim_value
+                 for i, d in enumerate(tensor_type.shape.dim)]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        feeds[value.name] = np.zeros(shape, dtype=dtype)
+    return feeds

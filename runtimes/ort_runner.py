@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-__all__ = ["OrtRunner", "session_options", "with_extra_outputs"]
+__all__ = ["OrtRunner", "session_options", "with_extra_outputs", "empty_cache_feeds"]
 
 
 def session_options(optimized: bool, accuracy_level: int = 0, threads: int = 0):
@@ -48,13 +48,36 @@ class OrtRunner:
         )
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+            output_names: list[str] | None = None) -> list[np.ndarray]:
+        """The first step of the decoder (empty past) on ``input_ids``."""
         feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64),
                  "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
-        return self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
+        feeds.update(empty_cache_feeds(self.session, len(input_ids)))
+        return self.session.run(output_names,
+                                {k: v for k, v in feeds.items() if k in self.input_names})
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.run(input_ids, attention_mask)[0]
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int64)": np.int64}
+
+
+def empty_cache_feeds(session, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length ``past_key_values.*`` feeds: batch on axis 0, 0 on the past axis (the
+    symbolic one named ``*past*``, else axis 2), static sizes elsewhere."""
+    feeds = {}
+    for value in session.get_inputs():
+        if not value.name.startswith("past_key_values."):
+            continue
+        past_axis = next((i for i, d in enumerate(value.shape)
+                          if isinstance(d, str) and "past" in d), 2)
+        shape = [batch if i == 0 else 0 if i == past_axis else int(d)
+                 for i, d in enumerate(value.shape)]
+        feeds[value.name] = np.zeros(shape, dtype=_NUMPY_TYPES[value.type])
+    return feeds
 
 
 def with_extra_outputs(model_path: pathlib.Path, names: list[str], workdir: str) -> pathlib.Path:

@@ -7,7 +7,7 @@ import collections
 import pytest
 import torch
 
-from qcompile.capture import capture
+from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.models import load_model
 from qcompile.pass_infra import PassContext, run_passes
 from qcompile.recipes import recipe_from_dict
@@ -27,7 +27,7 @@ def _run(loaded, options):
                               "t", "test")
     context = PassContext(loaded.model_type, loaded.config, model=loaded.model)
     stages = {}
-    gm = run_passes(capture(loaded.model).module(), recipe.instantiate(context),
+    gm = run_passes(unlift(capture(loaded.model, decoder_signature(loaded.model))), recipe.instantiate(context),
                     on_stage=lambda name, g: stages.setdefault(name, True))
     counts = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
     return gm, counts, context, stages

@@ -18,7 +18,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
 
-from qcompile.capture import LOGITS_SIGNATURE, ExportSignature
+from qcompile.capture import ExportSignature
 from qcompile.lowering.contrib_to_qdq import contrib_to_qdq, padded_per_channel_to_qdq
 from qcompile.lowering.targets import Target
 
@@ -53,6 +53,31 @@ def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int
     return program.model
 
 
+def name_symbolic_dims(model: ir.Model, dim_names: dict[str, dict[int, str]]) -> None:
+    """Rename export's ``s12``-style symbols to genai's dim names, everywhere in the graph.
+
+    The symbols are read off the graph inputs and outputs (``attention_mask`` axis 1 is
+    ``total_sequence_length``...); every value using the same symbol gets the same new name.
+    """
+    renames: dict[str, str] = {}
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        for axis, name in dim_names.get(value.name, {}).items():
+            dim = value.shape[axis] if value.shape is not None else None
+            if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                renames.setdefault(dim.value, name)
+    for value in _all_values(model.graph):
+        if value.shape is None or not any(isinstance(d, ir.SymbolicDim) for d in value.shape):
+            continue
+        value.shape = ir.Shape([ir.SymbolicDim(renames.get(d.value, d.value))
+                                if isinstance(d, ir.SymbolicDim) else d for d in value.shape])
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        yield from node.outputs
+
+
 def _cleanup(model: ir.Model) -> ir.Model:
     for cleanup in (
         common_passes.RemoveUnusedNodesPass(),
@@ -67,11 +92,12 @@ def export_onnx(
     ep: torch.export.ExportedProgram,
     target: Target,
     out_dir: pathlib.Path,
-    accuracy_level: int = 0,
-    signature: ExportSignature = LOGITS_SIGNATURE,
+    accuracy_level: int,
+    signature: ExportSignature,
 ) -> pathlib.Path:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``) and return the model path."""
     model = _to_onnx(ep, target, signature, accuracy_level)
+    name_symbolic_dims(model, signature.onnx_dim_names())
     for name in target.post_export:
         model = _POST_EXPORT[name](model)
     model = _cleanup(model)

@@ -1,0 +1,85 @@
+"""``genai_config.json``: what onnxruntime-genai needs to load a bundle as a decoder.
+
+Written from the source model's config and the export signature, in the form the model
+builder writes (``model.decoder.inputs/outputs`` name patterns, head counts, context length,
+search defaults). A float cache is genai's own layout; a quantized cache (the KV-quant pass)
+is not something genai can feed (its cache inputs are integer codes plus scales, described in
+``report.json``), so such bundles run with qcompile's own generation loop. genai rejects
+unknown keys, so nothing qcompile-specific goes in this file.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from qcompile.capture import ExportSignature
+from qcompile.lowering.export_onnx import MODEL_FILE
+
+__all__ = ["GENAI_CONFIG_FILE", "GENAI_MODEL_TYPES", "genai_config", "write_genai_config"]
+
+GENAI_CONFIG_FILE = "genai_config.json"
+#: model types onnxruntime-genai 0.18 knows; others load as its generic "decoder"
+GENAI_MODEL_TYPES = ("llama", "mistral", "phi3", "qwen2", "gpt2")
+
+
+def _token_id(config, tokenizer, name: str, fallback: int) -> int | list[int]:
+    value = getattr(config, name, None)
+    if value is None and tokenizer is not None:
+        value = getattr(tokenizer, name, None)
+    return fallback if value is None else value
+
+
+def _context_length(config) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return 2048
+
+
+def genai_config(config, model_type: str, signature: ExportSignature, tokenizer=None) -> dict:
+    """The ``genai_config.json`` content for a bundle exported with ``signature``."""
+    cache = signature.cache
+    eos = _token_id(config, tokenizer, "eos_token_id", 0)
+    context = _context_length(config)
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": MODEL_FILE,
+        "head_size": cache.head_dim,
+        "hidden_size": int(config.hidden_size),
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                   "past_key_names": "past_key_values.%d.key",
+                   "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"},
+        "num_attention_heads": int(config.num_attention_heads),
+        "num_hidden_layers": cache.num_layers,
+        "num_key_value_heads": cache.kv_heads,
+    }
+    return {
+        "model": {
+            "bos_token_id": _token_id(config, tokenizer, "bos_token_id", eos),
+            "context_length": context,
+            "decoder": decoder,
+            "eos_token_id": eos,
+            "pad_token_id": _token_id(config, tokenizer, "pad_token_id",
+                                      eos[0] if isinstance(eos, list) else eos),
+            "type": model_type if model_type in GENAI_MODEL_TYPES else "decoder",
+            "vocab_size": int(config.vocab_size),
+        },
+        "search": {
+            "do_sample": False, "early_stopping": True, "max_length": context,
+            "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
+            # our graphs concatenate past and new keys; genai's shared buffer is for GQA
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+
+
+def write_genai_config(bundle: pathlib.Path, config, model_type: str,
+                       signature: ExportSignature, tokenizer=None) -> pathlib.Path:
+    path = pathlib.Path(bundle) / GENAI_CONFIG_FILE
+    content = genai_config(config, model_type, signature, tokenizer)
+    path.write_text(json.dumps(content, indent=4) + "\n")
+    return path
