@@ -1,4 +1,4 @@
-"""The ``qcompile`` command line: compile, verify, eval, recipes.
+"""The ``qcompile`` command line: compile, verify, eval, generate, bench, recipes.
 
 Bad input (a :class:`~qcompile.errors.QcompileError`) prints the problem and its fix and exits
 with status 2; a failed ``verify`` exits with status 1.
@@ -143,6 +143,141 @@ def peer(fp32_bundle, output, algo, bits, block_size, symmetric, lm_head_bits, f
                                head, force)
     console.print(f"[bold green]peer bundle[/bold green] {output}: "
                   f"{report['sizes']['model_bytes']:,} model bytes ({report['recipe']['name']})")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=pathlib.Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--greedy/--sample", default=True, show_default=True,
+              help="argmax, or sample with --temperature / --top-k / --top-p")
+@click.option("--temperature", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 = all tokens")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", type=int, help="seed for sampling (reproducible output)")
+@click.option("--engine", default="auto", show_default=True,
+              type=click.Choice(["auto", "genai", "ort"]),
+              help="auto: onnxruntime-genai when it can run the bundle, else qcompile's loop")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0))
+def generate(bundle, prompt, max_new_tokens, greedy, temperature, top_k, top_p, seed, engine,
+             threads) -> None:
+    """Continue PROMPT (plain text, no chat template) with BUNDLE, streaming to stdout."""
+    import time
+
+    from qcompile.runtimes.genai_session import choose_engine
+    from qcompile.runtimes.generation import Sampling, check_bundle_files
+
+    check_bundle_files(bundle)
+    sampling = Sampling(greedy, temperature, top_k, top_p, seed)
+    chosen, reason = choose_engine(engine, [bundle])
+    console.print(f"[bold]engine:[/bold] {chosen} ({reason})")
+    prompt_ids, tokens, decode = _text_engine(bundle, chosen, prompt, threads)
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for token in tokens(prompt_ids, max_new_tokens, sampling):
+        first = first or time.perf_counter()
+        count += 1
+        click.echo(decode(token), nl=False)
+    click.echo()
+    _print_speed(len(prompt_ids), count, start, first, time.perf_counter())
+
+
+def _text_engine(bundle: pathlib.Path, engine: str, prompt: str, threads: int):
+    """``(prompt_ids, stream(ids, n, sampling), decode(token) -> new text)`` for ``engine``."""
+    if engine == "genai":
+        from qcompile.runtimes.genai_session import GenaiSession
+
+        session = GenaiSession(bundle, threads)
+        stream = session.decoder_stream()
+        return session.encode(prompt), session.stream, stream.decode
+    from qcompile.runtimes.generation import OrtGenerator, load_tokenizer
+
+    tokenizer = load_tokenizer(bundle)
+    generator = OrtGenerator(bundle, threads)
+    seen: list[int] = []
+    printed = [""]
+
+    def decode(token: int) -> str:
+        seen.append(token)
+        text = tokenizer.decode(seen, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
+            return ""
+        piece, printed[0] = text[len(printed[0]):], text
+        return piece
+
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids, generator.stream, decode
+
+
+def _print_speed(prompt_len: int, count: int, start: float, first, end: float) -> None:
+    if not count:
+        return
+    decode = f", decode {(count - 1) / (end - first):.1f} tokens/s" if count > 1 else ""
+    console.print(f"{prompt_len} prompt tokens, {count} new tokens in {end - start:.2f} s "
+                  f"({count / (end - start):.1f} tokens/s; prefill "
+                  f"{1000 * (first - start):.0f} ms{decode})")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=pathlib.Path))
+@click.option("--vs", "vs", type=click.Path(path_type=pathlib.Path),
+              help="a second bundle measured in the same run (runs interleaved), for ratios")
+@click.option("--engine", default="auto", show_default=True,
+              type=click.Choice(["auto", "genai", "ort"]),
+              help="auto: onnxruntime-genai when every bundle allows it, else qcompile's loop")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1),
+              help="timed runs per bundle after a warm-up; medians are reported")
+@click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="intra-op threads for both bundles (0 = ONNX Runtime's default)")
+@click.option("--json", "json_path", type=click.Path(path_type=pathlib.Path),
+              help="also write the results to this JSON file")
+def bench(bundle, vs, engine, runs, prompt_tokens, new_tokens, threads, json_path) -> None:
+    """Prefill latency, decode tokens/s, peak memory and cache size of BUNDLE (vs another)."""
+    import json
+
+    from qcompile.bundle import REPORT_FILE, update_report
+    from qcompile.runtimes.bench import bench as run_bench
+
+    result = run_bench(bundle, vs, engine, runs, prompt_tokens, new_tokens, threads)
+    _print_bench(result)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    if (bundle / REPORT_FILE).is_file():
+        update_report(bundle, "bench", result)
+
+
+def _print_bench(result: dict) -> None:
+    bundles, ratios = result["bundles"], result.get("ratios", {})
+    table = Table(title=f"bench: engine {result['engine']}, {result['prompt_tokens']} prompt + "
+                        f"{result['new_tokens']} new tokens, median of {result['runs']} runs, "
+                        f"threads {result['threads'] or 'default'}")
+    table.add_column("metric")
+    for role, data in bundles.items():
+        table.add_column(f"{role}: {data['path']}", justify="right")
+    if ratios:
+        table.add_column("ratio", justify="right")
+    rows = (("prefill ms", "prefill_ms", "{:.1f}", "prefill_latency_theirs_over_ours"),
+            ("decode tokens/s", "decode_tok_s", "{:.1f}", "decode_tok_s_ours_over_theirs"),
+            ("peak RSS MiB", "peak_rss_bytes", "{:.0f}", "peak_rss_ours_over_theirs"),
+            ("cache bytes/token", "cache_bytes_per_token", "{:,}",
+             "cache_bytes_per_token_ours_over_theirs"),
+            ("model bytes", "model_bytes", "{:,}", "model_bytes_ours_over_theirs"))
+    for label, key, form, ratio in rows:
+        cells = []
+        for data in bundles.values():
+            value = data[key]
+            value = value / 2**20 if key == "peak_rss_bytes" else value
+            cells.append("n/a" if value is None else form.format(value))
+        if ratios:
+            cells.append("n/a" if ratios[ratio] is None else f"{ratios[ratio]:.3f}")
+        table.add_row(label, *cells)
+    console.print(table)
+    console.print(f"engine: {result['engine']} ({result['engine_reason']}); ratios: decode "
+                  "ours/theirs, prefill latency theirs/ours (> 1: ours faster), memory, cache "
+                  "and size ours/theirs")
 
 
 @cli.command()
