@@ -1,13 +1,14 @@
 """``bench``: prefill latency, decode speed, peak memory and cache size of a bundle (vs another).
 
 Each bundle is loaded in its own fresh worker process (``python -m qcompile.runtimes.bench
---worker``), so its peak RSS (``ru_maxrss``) is its own and not the other bundle's or the
-parent's (the worker reads its ``VmHWM``; see :func:`_peak_rss_bytes`). The worker is started without running ``qcompile/__init__.py`` (which imports torch to
-register the ``qcompile::`` ops, ~300 MB of RSS that generation never uses), so its peak is
-the runtime's; ``baseline_rss_bytes`` is the bare interpreter's peak, before ONNX Runtime and
-the model are loaded. With two bundles the parent alternates runs (A, B, A, B, ...) between the two warm
-workers, so both share the same machine noise; each figure is the median of the runs after
-one warm-up run. Both bundles run on the same engine with the same thread count.
+--worker``), so its peak RSS is its own and not the other bundle's or the parent's (the worker
+reads its ``VmHWM``; see :func:`_peak_rss_bytes`). The worker starts without running
+``qcompile/__init__.py`` (which imports torch to register the ``qcompile::`` ops, ~300 MB of RSS
+that generation never uses), so the peak is the runtime's; ``baseline_rss_bytes`` is the bare
+interpreter's, before ONNX Runtime and the model are loaded. With two bundles the parent
+alternates runs (A, B, A, B, ...) between the two warm workers, so both share the machine's
+noise; each figure is the median of the runs after one warm-up run. Both bundles run on the
+same engine with the same thread count.
 """
 
 from __future__ import annotations

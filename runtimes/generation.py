@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from qcompile.errors import QcompileError
 from qcompile.runtimes.ort_runner import session_options
@@ -436,7 +437,8 @@ class OrtGenerator:
         """Zero-length cache inputs for a first step."""
         return {s.past: s.empty(batch, self.head_size) for s in self.slots}
 
-    def forward(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int
+    def forward(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int,
+                run_options: ort.RunOptions | None = None
                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run ``ids`` [batch, seq] after ``past_len`` cached positions.
 
@@ -451,7 +453,7 @@ class OrtGenerator:
             feeds[self.positions_name] = np.broadcast_to(
                 np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
         names = [self.logits_name] + [s.present for s in self.slots]
-        results = self.session.run(names, feeds)
+        results = self.session.run(names, feeds, run_options)
         next_cache = {s.past: r for s, r in zip(self.slots, results[1:])}
         return results[0], next_cache
 
@@ -462,12 +464,16 @@ class OrtGenerator:
 
     def _probe(self) -> None:
         """One token through the graph: shape errors surface here, as a config mismatch."""
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4
         try:
-            _, presents = self.forward(np.zeros((1, 1), dtype=np.int64), self.empty_cache(1), 0)
-        except ort.capi.onnxruntime_pybind11_state.Fail as exc:  # type: ignore[attr-defined]
+            _, presents = self.forward(np.zeros((1, 1), dtype=np.int64), self.empty_cache(1), 0,
+                                       quiet)
+        except (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException) as exc:
             raise QcompileError(
-                f"{self.bundle / GENAI_CONFIG} does not fit the model (a first step with its "
-                f"head_size {self.head_size} failed: {str(exc).splitlines()[0][:300]})",
+                f"{self.bundle / GENAI_CONFIG} does not fit the model: a first step with its "
+                f"model.decoder.head_size {self.head_size} failed "
+                f"({str(exc).splitlines()[0][-300:]})",
                 "re-create genai_config.json from the model") from exc
         by_present = {s.present: presents[s.past] for s in self.slots}
         _check_present_dims(self.decoder, by_present,
