@@ -41,6 +41,7 @@ __all__ = [
     "GraphOutput",
     "bundle_accuracy_level",
     "bundle_cache_bytes_per_token",
+    "cache_slots",
     "cache_bytes_per_token",
     "check_bundle_files",
     "generate",
