@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from qcompile.passes import pack_weights, quantize_weights_rtn  # noqa: F401
+from qcompile.passes import pack_weights, quantize_kv_cache, quantize_weights_rtn  # noqa: F401
 
-__all__ = ["pack_weights", "quantize_weights_rtn"]
+__all__ = ["pack_weights", "quantize_kv_cache", "quantize_weights_rtn"]

@@ -220,6 +220,11 @@ def capture(model: torch.nn.Module, signature: ExportSignature) -> torch.export.
 
 
 def unlift(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
-    """The runnable module of ``program``, without export's shape guards: export assumes every
-    dynamic axis is >= 2, but the first decoding step really has a past of length 0."""
-    return program.module(check_guards=False)
+    """The runnable module of ``program``, without export's shape guards and input checks:
+    export assumes every dynamic axis is >= 2 (the first decoding step has a past of length
+    0), and the KV-quant pass changes the cache inputs' dtype and last dim."""
+    module = program.module(check_guards=False)
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if "input_constraints" in getattr(hook, "__name__", ""):
+            del module._forward_pre_hooks[key]
+    return module

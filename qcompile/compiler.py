@@ -66,9 +66,10 @@ def build_stages(
     with step("capturing the KV-cache decoder with torch.export", timings, "capture_s"):
         program = capture(loaded.model, signature)
         module = unlift(program)
+        module.meta["qcompile.signature"] = signature
     exported = copy.deepcopy(module) if keep_snapshots else None
     context = PassContext(loaded.model_type, loaded.config, model=loaded.model,
-                          signature=signature)
+                          signature=signature, tokenizer=loaded.tokenizer)
     snapshots: dict[str, torch.nn.Module] = {}
 
     def snapshot(stage: str, gm: torch.fx.GraphModule) -> None:
@@ -119,13 +120,15 @@ def compile_bundle(
     stages = build_stages(loaded, recipe, keep_snapshots=False, timings=timings)
     with atomic_directory(out_dir, force) as tmp:
         with step(f"lowering to ONNX for target {target.name}", timings, "lower_s"):
-            export_onnx(stages.program, target, tmp, accuracy_level, stages.context.signature)
+            graph = export_onnx(stages.program, target, tmp, accuracy_level,
+                                stages.context.signature)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         write_genai_config(tmp, loaded.config, loaded.model_type, stages.context.signature,
                            loaded.tokenizer)
         timings["compile_s"] = round(time.perf_counter() - start, 3)
         report = _report(loaded, recipe, target, stages, accuracy_level, timings, tmp)
+        report["graph"] = graph
         write_report(tmp, report)
     console.print(
         f"[bold green]bundle[/bold green] {out_dir}: {report['sizes']['model_bytes']:,} model "

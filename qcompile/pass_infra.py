@@ -41,6 +41,8 @@ class PassContext:
     model: Any = None
     #: the decoder's export signature; a pass that changes the cache (KV quant) replaces it
     signature: Any = None
+    #: for passes that calibrate on text (None for models saved without one)
+    tokenizer: Any = None
     layers: dict[str, dict] = dataclasses.field(default_factory=dict)
     passes_run: list[dict] = dataclasses.field(default_factory=list)
 

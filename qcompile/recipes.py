@@ -96,6 +96,15 @@ BUILTIN_RECIPES: dict[str, dict] = {
 }
 
 
+#: ``<recipe>+<modifier>`` appends a KV-cache quantization step to any recipe
+KV_MODIFIERS: dict[str, dict] = {
+    "kv8": {"bits": 8},
+    "kv4": {"bits": 4},
+    "kv8-token": {"bits": 8, "key": "per-token"},
+    "kv4-token": {"bits": 4, "key": "per-token"},
+}
+
+
 def _parse_step(entry, where: str) -> PassStep:
     if isinstance(entry, str):
         name, raw = entry, {}
@@ -139,7 +148,11 @@ def _read_file(path: pathlib.Path):
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """A built-in recipe by name, or a user's ``.yaml``/``.yml``/``.json`` file."""
+    """A built-in recipe by name, or a user's ``.yaml``/``.yml``/``.json`` file, optionally
+    with a KV-cache modifier: ``w4a16-rtn+kv8``, ``my.yaml+kv4``."""
+    base, plus, modifier = name_or_path.rpartition("+")
+    if plus and base:
+        return _with_kv_modifier(load_recipe(base), modifier)
     if name_or_path in BUILTIN_RECIPES:
         return recipe_from_dict(BUILTIN_RECIPES[name_or_path], name_or_path, "built-in")
     path = pathlib.Path(name_or_path).expanduser()
@@ -151,6 +164,18 @@ def load_recipe(name_or_path: str) -> Recipe:
         f"unknown recipe {name_or_path!r}",
         f"built-in recipes: {', '.join(BUILTIN_RECIPES)}; or pass a .yaml/.json file",
     )
+
+
+def _with_kv_modifier(recipe: Recipe, modifier: str) -> Recipe:
+    if modifier not in KV_MODIFIERS:
+        raise QcompileError(f"unknown recipe modifier +{modifier}",
+                            f"KV-cache modifiers: {', '.join('+' + m for m in KV_MODIFIERS)}")
+    if any(step.name == "quantize_kv_cache" for step in recipe.steps):
+        raise QcompileError(f"recipe {recipe.name} already quantizes the KV cache",
+                            f"drop +{modifier}")
+    step = _parse_step({"quantize_kv_cache": KV_MODIFIERS[modifier]}, f"+{modifier}")
+    description = f"{recipe.description}; {step.options.bits}-bit KV cache"
+    return Recipe(f"{recipe.name}+{modifier}", description, (*recipe.steps, step), recipe.source)
 
 
 def recipe_of_report(report: dict) -> Recipe:

@@ -22,7 +22,8 @@ from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.models import load_model
 from qcompile.recipes import recipe_of_report
 from qcompile.runtimes import layer_taps
-from qcompile.runtimes.onnx_reference_runner import MAX_REFERENCE_PARAMETERS, ReferenceRunner
+from qcompile.runtimes.onnx_reference_runner import (MAX_REFERENCE_PARAMETERS, ReferenceRunner,
+                                                      unsupported_ops)
 from qcompile.runtimes.ort_runner import OrtRunner, tempdir, with_extra_outputs
 from qcompile.runtimes.parity import CLOSE, EXACT, INT8_COMPUTE, QUALITY, Tolerance, compare
 from qcompile.runtimes.torch_runner import TorchRunner
@@ -123,6 +124,8 @@ class _Ladder:
 
     def _ort_layer_outputs(self, runner: OrtRunner) -> list[np.ndarray] | None:
         proto = onnx.load(str(runner.model_path), load_external_data=False)
+        if layer_taps.has_ort_fusions(proto):
+            return None
         names = layer_taps.onnx_layer_values(proto, self.layers_path, self.layer_count)
         if None in names:
             return None
@@ -185,18 +188,25 @@ def _exported_codes_equal(initializers: dict, path: str, packed: torch.Tensor) -
     return bool(np.array_equal(codes, exported))
 
 
-def _ladder_plan(stages: Stages, report: dict, bundle: pathlib.Path):
+def _ladder_plan(stages: Stages, report: dict, bundle: pathlib.Path, skipped: list):
     model_path = bundle / MODEL_FILE
     level = report["target"]["accuracy_level"]
     plan = [("eager", TorchRunner(stages.eager), None, None),
             ("exported", TorchRunner(stages.exported), "eager", EXACT)]
     last = "exported"
-    for stage, tolerance in (("fake-quant", QUALITY), ("lowered", EXACT)):
+    for stage, tolerance in (("fake-quant", QUALITY), ("lowered", EXACT), ("kv-quant", QUALITY)):
         if stage in stages.snapshots:
             plan.append((stage, TorchRunner(stages.snapshots[stage]), last, tolerance))
             last = stage
     params = sum(p.numel() for p in stages.eager.parameters())
-    if params <= MAX_REFERENCE_PARAMETERS:
+    missing = unsupported_ops(model_path)
+    if params > MAX_REFERENCE_PARAMETERS:
+        skipped.append({"stage": "onnx-reference",
+                        "reason": f"{params:,} parameters (limit {MAX_REFERENCE_PARAMETERS:,})"})
+    elif missing:
+        skipped.append({"stage": "onnx-reference",
+                        "reason": f"onnx.reference has no {', '.join(missing)} (fused ORT ops)"})
+    else:
         plan.append(("onnx-reference", ReferenceRunner(model_path), last, CLOSE))
     for fused in (False, True):
         runner = OrtRunner(model_path, optimized=fused, accuracy_level=level)
@@ -215,7 +225,8 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
                           recapture=False)
     inputs = verification_inputs(loaded.tokenizer, loaded.config.vocab_size)
     ladder = _Ladder(stages, bundle, report, inputs)
-    for name, runner, against, tolerance in _ladder_plan(stages, report, bundle):
+    skipped: list[dict] = []
+    for name, runner, against, tolerance in _ladder_plan(stages, report, bundle, skipped):
         if against is None:
             ladder.outputs[name], ladder.runners[name] = runner(*inputs), runner
             continue
@@ -227,6 +238,7 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
         "first_failing_stage": failed[0].stage if failed else None,
         "inputs": {"batch": int(inputs[0].shape[0]), "tokens": int(inputs[0].shape[1])},
         "stages": [r.as_dict() for r in ladder.results],
+        "skipped_stages": skipped,
         "integer_codes": codes,
     }
     update_report(bundle, "parity", summary)

@@ -17,7 +17,7 @@ from qcompile.capture import WRAPPER_ATTRIBUTE
 from qcompile.fx_utils import module_path
 
 __all__ = ["decoder_layers_path", "fx_layer_nodes", "onnx_layer_values", "eager_layer_outputs",
-           "tap_fx"]
+           "tap_fx", "has_ort_fusions"]
 
 
 def decoder_layers_path(model: torch.nn.Module) -> str:
@@ -68,6 +68,18 @@ def _name_scopes(node: onnx.NodeProto) -> list[str]:
         if prop.key == "pkg.torch.onnx.name_scopes":
             return ast.literal_eval(prop.value)
     return []
+
+
+#: ops qcompile itself emits with module scopes; other contrib ops come from ORT fusions
+_SCOPED_CONTRIB = {"MatMulNBits", "GatherBlockQuantized"}
+
+
+def has_ort_fusions(model: onnx.ModelProto) -> bool:
+    """Whether ORT fusions rewrote the graph: a fused op (``SkipSimplifiedLayerNormalization``
+    holds the residual add that ends a layer) has no single module scope, so per-layer taps
+    would compare the wrong values and localisation is left out."""
+    return any(node.domain == "com.microsoft" and node.op_type not in _SCOPED_CONTRIB
+               for node in model.graph.node)
 
 
 def onnx_layer_values(model: onnx.ModelProto, layers_path: str, count: int) -> list[str | None]:

@@ -51,6 +51,25 @@ class GatherBlockQuantized(OpRun):
         return table[indices].astype(scales.dtype),
 
 
+#: ops onnx.reference runs: the standard ones plus the two contrib ops implemented above
+_CONTRIB_IMPLEMENTED = {"MatMulNBits", "GatherBlockQuantized"}
+
+
+def unsupported_ops(model_path) -> list[str]:
+    """Ops of ``model_path`` that the reference cannot run (ORT's fused contrib ops, such as
+    ``SimplifiedLayerNormalization`` and ``MultiHeadAttention``), sorted."""
+    from onnx.defs import has
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    missing = set()
+    for node in model.graph.node:
+        if node.op_type in _CONTRIB_IMPLEMENTED:
+            continue
+        if node.domain not in ("", "ai.onnx") or not has(node.op_type):
+            missing.add(node.op_type)
+    return sorted(missing)
+
+
 class ReferenceRunner:
     """``logits = runner(input_ids, attention_mask)`` through the ONNX reference evaluator."""
 

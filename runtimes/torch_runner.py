@@ -55,6 +55,9 @@ def cache_placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 def empty_past(gm: torch.fx.GraphModule, batch: int) -> list[torch.Tensor]:
     """Zero-length past tensors shaped and typed like the graph's cache inputs."""
+    signature = gm.meta.get("qcompile.signature")
+    if signature is not None:
+        return signature.cache.empty(batch)
     empties = []
     for node in cache_placeholders(gm):
         value = node.meta["val"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 from onnx import numpy_helper
 
@@ -32,21 +33,33 @@ def _corrupt(bundle, name):
     model = onnx.load(str(bundle / "model.onnx"))
     for i, tensor in enumerate(model.graph.initializer):
         if tensor.name == name:
-            flipped = numpy_helper.to_array(tensor) ^ np.uint8(0x11)
+            array = numpy_helper.to_array(tensor)
+            flipped = (array.view(np.uint8) ^ np.uint8(0x11)).view(array.dtype)
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(flipped, name))
     onnx.save(model, str(bundle / "model.onnx"), save_as_external_data=True,
               location="model.onnx.data")
 
 
-def test_verify_names_corrupted_weights_stage_and_layer(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("target,recipe,tensor,first_stage", [
+    # the ort graph holds fused ORT ops (MultiHeadAttention...) that onnx.reference cannot run,
+    # and fused nodes carry no module scopes, so its layer localisation is unavailable
+    ("ort", "w4a16-rtn-g32", "qweight", "ort-unfused"),
+    ("onnx-qdq", "w8a16-rtn", "weight_q", "onnx-reference"),
+])
+def test_verify_names_corrupted_weights_stage_and_layer(tiny_model_dir, tmp_path, target, recipe,
+                                                        tensor, first_stage):
     bundle = tmp_path / "bundle"
-    compile_bundle(str(tiny_model_dir("llama")), "w4a16-rtn-g32", "ort", bundle,
-                   accuracy_level=0)
-    _corrupt(bundle, "model.layers.1.mlp.down_proj.qweight")
+    compile_bundle(str(tiny_model_dir("llama")), recipe, target, bundle, accuracy_level=0)
+    _corrupt(bundle, f"model.layers.1.mlp.down_proj.{tensor}")
     summary = verify_bundle(bundle)
     assert not summary["passed"]
     assert summary["integer_codes"]["mismatched"] == ["model.layers.1.mlp.down_proj"]
-    assert summary["first_failing_stage"] == "onnx-reference"
+    assert summary["first_failing_stage"] == first_stage
+    failing = next(s for s in summary["stages"] if s["stage"] == first_stage)
+    assert failing["passed"] is False
     ort_stage = next(s for s in summary["stages"] if s["stage"] == "ort-unfused")
-    assert ort_stage["passed"] is False
-    assert ort_stage["first_diverging_layer"]["layer"] == "model.layers.1"
+    if target == "onnx-qdq":
+        assert ort_stage["first_diverging_layer"]["layer"] == "model.layers.1"
+    else:
+        assert summary["skipped_stages"][0]["stage"] == "onnx-reference"
+        assert "first_diverging_layer" not in ort_stage, ort_stage["first_diverging_layer"]

@@ -20,6 +20,7 @@ import torch
 
 from qcompile.capture import ExportSignature
 from qcompile.lowering.contrib_to_qdq import contrib_to_qdq, padded_per_channel_to_qdq
+from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
 from qcompile.lowering.targets import Target
 
 __all__ = ["export_onnx", "MODEL_FILE", "DATA_FILE", "OPSET"]
@@ -94,14 +95,18 @@ def export_onnx(
     out_dir: pathlib.Path,
     accuracy_level: int,
     signature: ExportSignature,
-) -> pathlib.Path:
-    """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``) and return the model path."""
+) -> dict:
+    """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``); return what the report records:
+    the fusions that applied and the op counts of the written graph."""
     model = _to_onnx(ep, target, signature, accuracy_level)
     name_symbolic_dims(model, signature.onnx_dim_names())
     for name in target.post_export:
         model = _POST_EXPORT[name](model)
+    fusions: dict[str, int] = {}
+    if target.fuse:
+        model, fusions = fuse_for_ort(model)
     model = _cleanup(model)
     model.producer_name = "qcompile"
     path = out_dir / MODEL_FILE
     ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
-    return path
+    return {"fusions": fusions, "ops": op_counts(model)}

@@ -28,6 +28,8 @@ class Target:
     linear_bits: tuple[int, ...]
     embedding_bits: tuple[int, ...]
     post_export: tuple[str, ...] = ()
+    #: apply ONNX Runtime's fused contrib ops (RMSNorm, rotary, attention) after export
+    fuse: bool = False
 
     def check(self, recipe) -> None:
         """Refuse recipes whose weight formats this target cannot express."""
@@ -67,6 +69,7 @@ TARGETS = {
         linear_bits=(2, 3, 4, 8),
         embedding_bits=(2, 3, 4, 8),
         post_export=("padded_per_channel_to_qdq",),
+        fuse=True,
     ),
     "onnx-qdq": Target(
         "onnx-qdq",

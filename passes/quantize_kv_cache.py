@@ -1,0 +1,220 @@
+"""Insert KV-cache quantization: the cache crosses the graph boundary as integer codes.
+
+For every decoder layer and cache tensor (key, value), the captured decoder has::
+
+    present = cat(past, new)           # feeds attention and the graph output
+
+which this pass rewrites to::
+
+    new_codes (, new_scale, new_offset) = quantize(new)
+    present_codes = cat(past_codes, new_codes)          # the graph output: uint8
+    attention reads dequantize(present_codes, ...)      # every position, old and new
+
+so the cache inputs/outputs of the bundle are uint8 codes (int4: two per byte) plus, for
+per-token scaling, ``<name>_scale`` / ``<name>_offset`` tensors ``[B, H, T, 1]``. Per-channel
+scales are static: calibrated here by running the (weight-quantized) decoder over calibration
+text and taking each channel's min/max over all positions. Numerics are in
+:mod:`qcompile.kv_codec`. Attention always reads the dequantized cache, including the tokens of
+the current step, so a chunked prefill and token-by-token decoding compute the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.utils._pytree as pytree
+from torch.fx.passes.infra.pass_base import PassResult
+
+from qcompile import kv_codec
+from qcompile.capture import CacheEntry, CacheLayout, ExportSignature
+from qcompile.console import progress_bar
+from qcompile.errors import QcompileError
+from qcompile.fx_utils import set_buffer
+from qcompile.pass_infra import QPass, register_pass
+
+__all__ = ["QuantizeKVCache", "KVOptions"]
+
+@dataclasses.dataclass(frozen=True)
+class KVOptions:
+    """``bits`` 8 or 4; keys per channel and values per token by default (KIVI / KVQuant)."""
+
+    bits: int = 8
+    key: str = "per-channel"
+    value: str = "per-token"
+    #: calibration for per-channel scales: windows of ``calibration_tokens`` from the
+    #: first half of the default text (seeded random ids when the model has no tokenizer)
+    calibration_windows: int = 8
+    calibration_tokens: int = 512
+
+    def validate(self, where: str) -> None:
+        if self.bits not in (4, 8):
+            raise QcompileError(f"{where}: KV-cache bits must be 8 or 4, got {self.bits}",
+                                "use bits: 8 (int8 cache) or bits: 4 (int4 cache)")
+        for role in ("key", "value"):
+            if getattr(self, role) not in ("per-channel", "per-token"):
+                raise QcompileError(f"{where}: {role} must be per-channel or per-token",
+                                    f"set {role}: per-channel or {role}: per-token")
+
+
+@register_pass
+class QuantizeKVCache(QPass):
+    name = "quantize_kv_cache"
+    Options = KVOptions
+    ladder_stage = "kv-quant"
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        options = self.options
+        signature: ExportSignature = self.context.signature
+        cache = signature.cache
+        if [e.name for e in cache.entries] != ["key", "value"]:
+            raise QcompileError("the KV cache is already quantized",
+                                "use one quantize_kv_cache step per recipe")
+        if options.bits == 4 and cache.head_dim % 2:
+            raise QcompileError(f"an int4 cache packs pairs of head_dim; {cache.head_dim} is odd",
+                                "use bits: 8")
+        ranges = self._calibrate(graph_module) if "per-channel" in (options.key,
+                                                                    options.value) else None
+        layout = _quantized_layout(cache, options)
+        _Rewriter(graph_module, cache, options, ranges).rewrite()
+        _set_pytree_specs(graph_module, len(layout.flat_entries()))
+        graph_module.recompile()
+        self.context.signature = ExportSignature(layout)
+        graph_module.meta["qcompile.signature"] = self.context.signature
+        self.context.layers["kv_cache"] = {
+            "role": "kv_cache", "format": _describe(options),
+            "bytes_per_token": layout.bytes_per_token(),
+            "float_bytes_per_token": cache.bytes_per_token()}
+        return PassResult(graph_module, True)
+
+    def _calibrate(self, gm: torch.fx.GraphModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer and tensor (k0, v0, k1, ...): per-(head, channel) min and max."""
+        windows = _calibration_windows(self.context, self.options)
+        empty = self.context.signature.cache.empty(1)
+        lows: list[torch.Tensor] | None = None
+        highs: list[torch.Tensor] = []
+        bar, task = progress_bar("calibrating KV-cache channel ranges", len(windows))
+        with bar, torch.no_grad():
+            for window in windows:
+                ids = window[None, :]
+                _, presents = gm(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 past_key_values=list(empty))
+                low = [p.amin(dim=(0, 2)) for p in presents]
+                high = [p.amax(dim=(0, 2)) for p in presents]
+                lows = low if lows is None else [torch.minimum(a, b) for a, b in zip(lows, low)]
+                highs = high if not highs else [torch.maximum(a, b) for a, b in zip(highs, high)]
+                bar.advance(task)
+        return list(zip(lows, highs))
+
+
+def _describe(options: KVOptions) -> str:
+    return f"int{options.bits} keys {options.key}, values {options.value}"
+
+
+def _calibration_windows(context, options: KVOptions) -> torch.Tensor:
+    from qcompile.text_data import token_ids, token_windows
+
+    tokenizer = getattr(context, "tokenizer", None)
+    if tokenizer is not None:
+        ids = token_ids(tokenizer, None, split="calibration")
+        return token_windows(ids, options.calibration_tokens, options.calibration_windows)
+    generator = torch.Generator().manual_seed(0)
+    vocab = int(context.config.vocab_size)
+    return torch.randint(0, vocab, (options.calibration_windows, options.calibration_tokens),
+                         generator=generator)
+
+
+def _quantized_layout(cache: CacheLayout, options: KVOptions) -> CacheLayout:
+    entries: list[CacheEntry] = []
+    stored = kv_codec.packed_dim(cache.head_dim, options.bits)
+    for role in ("key", "value"):
+        entries.append(CacheEntry(role, stored, torch.uint8))
+        if getattr(options, role) == "per-token":
+            entries += [CacheEntry(f"{role}_scale", 1), CacheEntry(f"{role}_offset", 1)]
+    return dataclasses.replace(cache, entries=tuple(entries))
+
+
+class _Rewriter:
+    """Rewrites each ``cat(past, new)`` of the float cache into the quantized form."""
+
+    def __init__(self, gm, cache: CacheLayout, options: KVOptions, ranges):
+        self.gm, self.cache, self.options, self.ranges = gm, cache, options, ranges
+        self.graph = gm.graph
+        self.outputs: list[torch.fx.Node] = []
+
+    def rewrite(self) -> None:
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        pasts = placeholders[2:]
+        if len(pasts) != len(self.cache.flat_entries()):
+            raise QcompileError("the captured decoder's cache inputs do not match its layout",
+                                "quantize_kv_cache must run on a freshly captured decoder")
+        logits = self.graph.output_node().args[0][0]
+        for index, past in enumerate(pasts):
+            layer, role = divmod(index, 2)
+            self._rewrite_one(past, layer, ("key", "value")[role], index)
+        output = self.graph.output_node()
+        self.graph.erase_node(output)
+        self.graph.output((logits, *self.outputs))
+        self.graph.eliminate_dead_code()
+
+    def _present_cat(self, past: torch.fx.Node) -> torch.fx.Node:
+        cats = [u for u in past.users if u.target == torch.ops.aten.cat.default]
+        if len(cats) != 1:
+            raise QcompileError(f"cannot find the cache concatenation of {past.name}",
+                                "this architecture's cache update is not a plain concat")
+        return cats[0]
+
+    def _rewrite_one(self, past: torch.fx.Node, layer: int, role: str, index: int) -> None:
+        cat = self._present_cat(past)
+        new = cat.args[0][1]
+        bits, per_token = self.options.bits, getattr(self.options, role) == "per-token"
+        with self.graph.inserting_before(cat):
+            if per_token:
+                outputs = self._per_token(past, new, bits)
+            else:
+                outputs = self._per_channel(past, new, bits, layer, role, index)
+        dequantized = outputs.pop()
+        for user in list(cat.users):
+            if user.op != "output":
+                user.replace_input_with(cat, dequantized)
+        self.outputs += outputs
+
+    def _per_token(self, past, new, bits: int) -> list[torch.fx.Node]:
+        graph = self.graph
+        with graph.inserting_after(past):
+            offset_past = graph.placeholder(f"{past.name}_offset")
+        with graph.inserting_after(past):
+            scale_past = graph.placeholder(f"{past.name}_scale")
+        quantized = graph.call_function(kv_codec.quantize_per_token, (new, bits))
+        parts = [graph.call_function(operator.getitem, (quantized, i)) for i in range(3)]
+        cats = [graph.call_function(torch.ops.aten.cat.default, ([old, part], -2))
+                for old, part in zip((past, scale_past, offset_past), parts)]
+        dequantized = graph.call_function(kv_codec.dequantize_per_token, (*cats, bits))
+        return [*cats, dequantized]
+
+    def _per_channel(self, past, new, bits: int, layer: int, role: str,
+                     index: int) -> list[torch.fx.Node]:
+        graph = self.graph
+        low, high = self.ranges[index]
+        scale, offset = kv_codec.channel_range_to_scale(low, high, bits)
+        names = [f"kv_cache.{layer}.{role}_{kind}" for kind in ("scale", "offset")]
+        for name, tensor in zip(names, (scale, offset)):
+            set_buffer(self.gm, name, tensor)
+        scale_node, offset_node = (graph.get_attr(name) for name in names)
+        codes = graph.call_function(kv_codec.quantize_per_channel,
+                                    (new, scale_node, offset_node, bits))
+        present = graph.call_function(torch.ops.aten.cat.default, ([past, codes], -2))
+        dequantized = graph.call_function(kv_codec.dequantize_per_channel,
+                                          (present, scale_node, offset_node, bits))
+        return [present, dequantized]
+
+
+def _set_pytree_specs(gm: torch.fx.GraphModule, cache_tensors: int) -> None:
+    """The flat inputs/outputs changed count: rebuild the (kwargs, outputs) tree specs."""
+    leaf = 0
+    kwargs = {"input_ids": leaf, "attention_mask": leaf, "past_key_values": [leaf] * cache_tensors}
+    in_spec = pytree.tree_flatten(((), kwargs))[1]
+    out_spec = pytree.tree_flatten((leaf, [leaf] * cache_tensors))[1]
+    codegen = gm.graph._codegen
+    codegen.pytree_info = codegen.pytree_info._replace(in_spec=in_spec, out_spec=out_spec)

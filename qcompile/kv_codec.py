@@ -1,0 +1,99 @@
+"""Quantized KV-cache codes: the numerical specification of qcompile's int8 / int4 caches.
+
+Every cache tensor is ``[batch, kv_heads, positions, head_dim]``; its codes are unsigned
+integers with ``x ≈ code * scale + offset`` (asymmetric, a float offset like GGUF's Q4_1).
+Two granularities:
+
+* per token (dynamic): one scale and offset per (batch, head, position), computed from that
+  position's ``head_dim`` values when it is written. Values use this (KIVI: value errors stay
+  local to a token).
+* per channel (static): one scale and offset per (head, channel), calibrated offline on the
+  default text and stored in the model. Keys use this (KIVI / KVQuant: key outliers sit in
+  fixed channels); static scales keep old codes valid as the cache grows, so a decoding step
+  never re-quantizes the past.
+
+int4 codes pack two positions of ``head_dim`` per byte, low nibble first (the weight layout's
+rule). Everything is plain float arithmetic (round, clamp, floor) so that torch.onnx exports
+it as standard ONNX ops that every runtime computes identically to this reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "levels",
+    "quantize_per_token",
+    "dequantize_per_token",
+    "quantize_per_channel",
+    "dequantize_per_channel",
+    "channel_range_to_scale",
+    "pack_int4",
+    "unpack_int4",
+    "packed_dim",
+]
+
+_EPS = 1e-8
+
+
+def levels(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def packed_dim(head_dim: int, bits: int) -> int:
+    """Bytes per position per head: ``head_dim`` for int8, ``head_dim / 2`` for int4."""
+    return head_dim if bits == 8 else head_dim // 2
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Float codes in [0, 15] ``[..., D]`` -> uint8 ``[..., D/2]``, element 2j in the low nibble."""
+    pairs = codes.unflatten(-1, (codes.shape[-1] // 2, 2))
+    return (pairs[..., 0] + pairs[..., 1] * 16).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., D/2]`` -> float codes ``[..., D]`` (inverse of :func:`pack_int4`)."""
+    values = packed.to(torch.float32)
+    high = torch.floor(values / 16)
+    low = values - high * 16
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def _store(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return codes.to(torch.uint8) if bits == 8 else pack_int4(codes)
+
+
+def _load(stored: torch.Tensor, bits: int) -> torch.Tensor:
+    return stored.to(torch.float32) if bits == 8 else unpack_int4(stored)
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round((x - offset) / scale), 0, levels(bits))
+
+
+def quantize_per_token(x: torch.Tensor, bits: int):
+    """``x [B, H, T, D]`` -> ``(stored codes, scale [B, H, T, 1], offset [B, H, T, 1])``."""
+    low = x.amin(dim=-1, keepdim=True)
+    high = x.amax(dim=-1, keepdim=True)
+    scale = torch.clamp(high - low, min=_EPS) / levels(bits)
+    return _store(_codes(x, scale, low, bits), bits), scale, low
+
+
+def dequantize_per_token(stored, scale, offset, bits: int) -> torch.Tensor:
+    return _load(stored, bits) * scale + offset
+
+
+def channel_range_to_scale(low: torch.Tensor, high: torch.Tensor, bits: int):
+    """Calibrated per-channel ``[H, D]`` min/max -> ``(scale, offset)`` shaped ``[1, H, 1, D]``."""
+    scale = torch.clamp(high - low, min=_EPS) / levels(bits)
+    return scale[None, :, None, :].contiguous(), low[None, :, None, :].contiguous()
+
+
+def quantize_per_channel(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                         bits: int) -> torch.Tensor:
+    """``x [B, H, T, D]`` with static ``scale``/``offset`` ``[1, H, 1, D]`` -> stored codes."""
+    return _store(_codes(x, scale, offset, bits), bits)
+
+
+def dequantize_per_channel(stored, scale, offset, bits: int) -> torch.Tensor:
+    return _load(stored, bits) * scale + offset
