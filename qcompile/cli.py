@@ -82,6 +82,14 @@ def verify(bundle, source) -> None:
                       f"{s['mean_abs']:.3g}", f"{s['rel_max']:.3g}", f"{s['rel_l2']:.3g}",
                       f"{s['top1']:.3f}", s["tolerance"], ok)
     console.print(table)
+    for skipped in summary.get("skipped_stages", []):
+        console.print(f"[dim]skipped {skipped['stage']}: {skipped['reason']}")
+    decode = summary["decode"]
+    verdict = "[green]pass" if decode["passed"] else "[red]FAIL"
+    console.print(f"decode: {decode['new_tokens']} greedy tokens after a "
+                  f"{decode['prompt_tokens']}-token prompt, ORT vs torch reference: tokens "
+                  f"{'equal' if decode['tokens_equal'] else 'differ from step ' + str(decode['first_different_step'])}"
+                  f", step logits rel L2 {decode['rel_l2']:.3g} ({decode['tolerance']}) {verdict}")
     codes = summary["integer_codes"]
     if codes:
         console.print(f"integer codes: {codes['weights_checked']} weights checked, "

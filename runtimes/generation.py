@@ -296,9 +296,17 @@ def _check_config(config: dict, session: ort.InferenceSession, path: pathlib.Pat
         _check_cache_dims(decoder, inputs[key_format % 0], where, fix)
 
 
+def _packs_head_dim(type_name: str) -> bool:
+    """A uint8 cache holds quantized codes; int4 packs two per byte, so its last axis is not
+    head_size (qcompile's KV-quant layout, described in report.json)."""
+    return type_name == "tensor(uint8)"
+
+
 def _check_cache_dims(decoder: dict, key_input, where: str, fix: str) -> None:
     shape = list(key_input.shape)
-    checks = (("num_key_value_heads", 1), ("head_size", len(shape) - 1))
+    checks = [("num_key_value_heads", 1)]
+    if not _packs_head_dim(key_input.type):
+        checks.append(("head_size", len(shape) - 1))
     for field, axis in checks:
         want, have = decoder.get(field), shape[axis] if axis < len(shape) else None
         if want is not None and isinstance(have, int) and have != want:
@@ -313,7 +321,9 @@ def _check_present_dims(decoder: dict, presents: dict[str, np.ndarray], key_form
     array = presents.get(name)
     if array is None or array.ndim != 4:
         return
-    for field, axis in (("num_key_value_heads", 1), ("head_size", 3)):
+    checks = (("num_key_value_heads", 1),) if array.dtype == np.uint8 else (
+        ("num_key_value_heads", 1), ("head_size", 3))
+    for field, axis in checks:
         want = decoder.get(field)
         if want is not None and array.shape[axis] != want:
             raise QcompileError(

@@ -22,6 +22,7 @@ from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.models import load_model
 from qcompile.recipes import recipe_of_report
 from qcompile.runtimes import layer_taps
+from qcompile.runtimes.decoder_parity import decoder_parity
 from qcompile.runtimes.onnx_reference_runner import (MAX_REFERENCE_PARAMETERS, ReferenceRunner,
                                                       unsupported_ops)
 from qcompile.runtimes.ort_runner import OrtRunner, tempdir, with_extra_outputs
@@ -232,10 +233,15 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
             continue
         ladder.run(name, runner, against, tolerance)
     codes = check_codes(stages.final, bundle / MODEL_FILE) if recipe.steps else None
-    failed = [r for r in ladder.results if r.passed is False]
+    with step("stage decode: 32 greedy tokens through the cache, ORT vs torch"):
+        tolerance = INT8_COMPUTE if _int8_compute(report, True) else CLOSE
+        decode = decoder_parity(stages.final, bundle, inputs[0][0, :16], tolerance)
+    failed = [r.stage for r in ladder.results if r.passed is False]
+    failed += ["decode"] if not decode["passed"] else []
     summary = {
         "passed": not failed and not (codes and codes["mismatched"]),
-        "first_failing_stage": failed[0].stage if failed else None,
+        "first_failing_stage": failed[0] if failed else None,
+        "decode": decode,
         "inputs": {"batch": int(inputs[0].shape[0]), "tokens": int(inputs[0].shape[1])},
         "stages": [r.as_dict() for r in ladder.results],
         "skipped_stages": skipped,
