@@ -129,6 +129,9 @@ def eval_(bundle, text, windows, seq_len, source, reference) -> None:
             ppl = results[name]["perplexity"]
             delta = f"{100 * (ppl / base['perplexity'] - 1):+.1f} %" if base else ""
             table.add_row(name, f"{ppl:.3f}", delta)
+    cached = results["bundle_ort_through_cache"]
+    table.add_row(f"bundle_ort_through_cache (2nd half of each window, from a "
+                  f"{cached['context_tokens']}-token cache)", f"{cached['perplexity']:.3f}", "")
     console.print(table)
 
 

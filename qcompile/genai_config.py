@@ -19,8 +19,9 @@ from qcompile.lowering.export_onnx import MODEL_FILE
 __all__ = ["GENAI_CONFIG_FILE", "GENAI_MODEL_TYPES", "genai_config", "write_genai_config"]
 
 GENAI_CONFIG_FILE = "genai_config.json"
-#: model types onnxruntime-genai 0.18 knows; others load as its generic "decoder"
-GENAI_MODEL_TYPES = ("llama", "mistral", "phi3", "qwen2", "gpt2")
+#: model types onnxruntime-genai 0.18 runs with this I/O; others (its "gpt2" class wants
+#: other inputs) load as its generic "decoder"
+GENAI_MODEL_TYPES = ("llama", "mistral", "phi3", "qwen2")
 
 
 def _token_id(config, tokenizer, name: str, fallback: int) -> int | list[int]:

@@ -14,7 +14,8 @@ from qcompile.errors import QcompileError
 from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.models import load_model
 from qcompile.recipes import recipe_of_report
-from qcompile.runtimes.evaluate import perplexity
+from qcompile.runtimes.evaluate import perplexity, perplexity_through_cache
+from qcompile.runtimes.generation import OrtGenerator
 from qcompile.runtimes.ort_runner import OrtRunner
 from qcompile.runtimes.torch_runner import TorchRunner
 from qcompile.text_data import token_ids, token_windows
@@ -45,6 +46,8 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
                      "windows": len(ids), "seq_len": seq_len}
     results["bundle_ort"] = perplexity(OrtRunner(bundle / MODEL_FILE, True, level), ids,
                                        "bundle (ONNX Runtime)")
+    generator = OrtGenerator(bundle, accuracy_level=level)
+    results["bundle_ort_through_cache"] = perplexity_through_cache(generator, ids, "(ORT)")
     if source or reference:
         with step("loading the source model"):
             loaded = load_model(report["source"]["path"])

@@ -106,13 +106,15 @@ class GenaiSession:
     Args:
         bundle: bundle directory with genai_config.json.
         threads: intra-op threads (0 = the bundle's / ONNX Runtime's default).
+        require_tokenizer: refuse a bundle without tokenizer files (generation from token
+            ids does not need one).
     """
 
-    def __init__(self, bundle, threads: int = 0):
+    def __init__(self, bundle, threads: int = 0, require_tokenizer: bool = True):
         import onnxruntime_genai as og
 
         self.og = og
-        self.bundle = check_bundle_files(bundle, tokenizer=True)
+        self.bundle = check_bundle_files(bundle, tokenizer=require_tokenizer)
         ok, reason = genai_can_run(self.bundle)
         if not ok:
             raise QcompileError(f"onnxruntime-genai cannot run {self.bundle}: {reason}",

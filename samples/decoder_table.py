@@ -1,0 +1,103 @@
+"""Reproduce the README's decoder tables on SmolLM2: decode speed against onnxruntime-genai's
+model builder, and KV-cache quantization (cache bytes per token, perplexity through the cache).
+
+    .venv/bin/python samples/decoder_table.py [--out out/decoder] [--runs 5]
+
+Steps, all through the qcompile CLI:
+1. the builder's own exports (``-p fp32`` and ``-p int4``) of the same model;
+2. qcompile bundles fp32, w8a16-rtn, w4a16-rtn (accuracy level 0 and 4), w4a16-rtn+kv8,
+   w4a16-rtn+kv4, each verified (parity ladder + 32-token decoder parity) and evaluated;
+3. ``qcompile bench`` of each qcompile bundle ``--vs`` the builder bundle of the same kind,
+   one invocation each (runs interleaved), and ``qcompile eval`` of the builder bundles.
+Results: OUT/decoder.json and OUT/decoder.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+BUNDLES = [  # (name, recipe, accuracy level, builder peer to bench against)
+    ("fp32", "fp32", 0, "builder-fp32"),
+    ("w8", "w8a16-rtn", 0, "builder-int4"),
+    ("w4-g128", "w4a16-rtn", 0, "builder-int4"),
+    ("w4-g128-level4", "w4a16-rtn", 4, "builder-int4"),
+    ("w4-g128+kv8", "w4a16-rtn+kv8", 0, None),
+    ("w4-g128+kv4", "w4a16-rtn+kv4", 0, None),
+]
+
+
+def run(*command: str) -> None:
+    print("$", " ".join(command), flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode not in (0, 1):
+        sys.stderr.write(result.stderr[-3000:])
+        raise SystemExit(f"failed: {' '.join(command)}")
+
+
+def qcompile(*args: str) -> None:
+    run(sys.executable, "-m", "qcompile", *args)
+
+
+def builder(out: pathlib.Path, precision: str, source_dir: str) -> pathlib.Path:
+    bundle = out / f"builder-{precision}"
+    if not (bundle / "model.onnx").exists():
+        run(sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", source_dir,
+            "-o", str(bundle), "-p", precision, "-e", "cpu", "-c", str(out / "builder-cache"))
+    return bundle
+
+
+def source_directory() -> str:
+    """The default model as a Hugging Face directory (the builder reads directories)."""
+    from qcompile.models import _gguf_as_directory, default_model_path
+
+    return str(_gguf_as_directory(default_model_path()))
+
+
+def builder_perplexity(bundle: pathlib.Path, windows: int) -> dict:
+    """The builder bundle's perplexity on the same windows (own ORT loop, no cache)."""
+    from qcompile.models import load_model
+    from qcompile.runtimes.evaluate import perplexity, perplexity_through_cache
+    from qcompile.runtimes.generation import OrtGenerator
+    from qcompile.text_data import token_ids, token_windows
+
+    tokenizer = load_model(None).tokenizer
+    ids = token_windows(token_ids(tokenizer, None, "evaluation"), 512, windows)
+    generator = OrtGenerator(bundle, accuracy_level=4)  # the builder's MatMulNBits level
+    return {"full": perplexity(lambda x, _mask: generator.forward_full(x), ids, bundle.name),
+            "through_cache": perplexity_through_cache(generator, ids, bundle.name)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/decoder"))
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--windows", type=int, default=16)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    source = source_directory()
+    peers = {p: builder(args.out, p.split("-")[1], source) for p in ("builder-fp32",
+                                                                     "builder-int4")}
+    results: dict = {"bundles": {}, "bench": {}, "builder_perplexity": {}}
+    for name, recipe, level, peer in BUNDLES:
+        bundle = args.out / name
+        if not (bundle / "report.json").exists():
+            qcompile("compile", "-r", recipe, "--accuracy-level", str(level), "-o", str(bundle))
+        qcompile("verify", str(bundle))
+        qcompile("eval", str(bundle), "--windows", str(args.windows), "--no-source")
+        results["bundles"][name] = json.loads((bundle / "report.json").read_text())
+        if peer:
+            qcompile("bench", str(bundle), "--vs", str(peers[peer]), "--runs", str(args.runs),
+                     "--json", str(args.out / f"bench-{name}.json"))
+            results["bench"][name] = json.loads((args.out / f"bench-{name}.json").read_text())
+    for name, bundle in peers.items():
+        results["builder_perplexity"][name] = builder_perplexity(bundle, args.windows)
+    (args.out / "decoder.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({n: r.get("perplexity") for n, r in results["bundles"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
