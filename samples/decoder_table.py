@@ -24,9 +24,9 @@ BUNDLES = [  # (name, recipe, accuracy level, builder peer to bench against)
     ("fp32", "fp32", 0, "builder-fp32"),
     ("w8", "w8a16-rtn", 0, "builder-int4"),
     ("w4-g128", "w4a16-rtn", 0, "builder-int4"),
-    ("w4-g128-level4", "w4a16-rtn", 4, "builder-int4"),
     ("w4-g128+kv8", "w4a16-rtn+kv8", 0, None),
     ("w4-g128+kv4", "w4a16-rtn+kv4", 0, None),
+    ("w4-g128-level4", "w4a16-rtn", 4, "builder-int4"),
 ]
 
 
