@@ -61,23 +61,12 @@ class OrtRunner:
         return self.run(input_ids, attention_mask)[0]
 
 
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int64)": np.int64}
-
-
 def empty_cache_feeds(session, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length ``past_key_values.*`` feeds: batch on axis 0, 0 on the past axis (the
-    symbolic one named ``*past*``, else axis 2), static sizes elsewhere."""
-    feeds = {}
-    for value in session.get_inputs():
-        if not value.name.startswith("past_key_values."):
-            continue
-        past_axis = next((i for i, d in enumerate(value.shape)
-                          if isinstance(d, str) and "past" in d), 2)
-        shape = [batch if i == 0 else 0 if i == past_axis else int(d)
-                 for i, d in enumerate(value.shape)]
-        feeds[value.name] = np.zeros(shape, dtype=_NUMPY_TYPES[value.type])
-    return feeds
+    """Zero-length ``past_key_values.*`` feeds for a first step (the generation loop's cache
+    slots decide shapes and dtypes; imported here because generation builds on this module)."""
+    from qcompile.runtimes.generation import cache_slots
+
+    return {slot.past: slot.empty(batch, None) for slot in cache_slots(session)}
 
 
 def with_extra_outputs(model_path: pathlib.Path, names: list[str], workdir: str) -> pathlib.Path:
