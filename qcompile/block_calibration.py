@@ -1,0 +1,288 @@
+"""The calibration engine: run the model one decoder block at a time.
+
+Calibrated weight algorithms (GPTQ, AWQ, FlexRound, LRQ, AdaDim) all need, for each decoder
+block, the activations entering it *from the already-quantized blocks before it* (and, for
+block-output reconstruction, the float block's outputs on float inputs as targets). Running the
+whole model per sample would keep every layer's activations alive; instead::
+
+    capture the inputs of block 0 (embeddings; the rest of the model is not run)
+    for each block:
+        copy the block (float32, onto the calibration device)        <- one block in memory
+        [targets = float block(float inputs)]                        (reconstruction only)
+        algorithm(job): quantize the copy's linears in place, record integer weights
+        inputs = quantized block(inputs)                              <- next block's inputs
+
+Only the current block and its activations are alive at any time; with ``spill`` the
+activations live on disk between uses, so what must fit is one block plus one batch. The model
+passed in is never modified: algorithms write into the copy and report what changed
+(:class:`BlockJob.qweights`, :class:`BlockJob.float_updates`) for the graph pass to apply.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pathlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from qcompile.console import console, progress_bar
+from qcompile.errors import QcompileError
+
+__all__ = ["ActivationStore", "BlockJob", "BlockAlgorithm", "decoder_blocks",
+           "run_block_calibration", "CalibrationResult"]
+
+
+class ActivationStore:
+    """Per-batch activations of one point in the model, in memory or spilled to disk."""
+
+    def __init__(self, spill_dir: pathlib.Path | None = None, tag: str = "act"):
+        self._spill_dir, self._tag = spill_dir, tag
+        self._items: list = []
+
+    def append(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        if self._spill_dir is None:
+            self._items.append(tensor)
+            return
+        path = self._spill_dir / f"{self._tag}-{len(self._items)}.pt"
+        torch.save(tensor.cpu(), path)
+        self._items.append(path)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self._items[i]
+        return torch.load(item) if isinstance(item, pathlib.Path) else item
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def clear(self) -> None:
+        for item in self._items:
+            if isinstance(item, pathlib.Path):
+                item.unlink(missing_ok=True)
+        self._items = []
+
+
+def decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """``(prefix, blocks)``: the ModuleList holding the model's ``num_hidden_layers`` blocks."""
+    count = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return name, module
+    raise QcompileError(f"cannot find the {count} decoder blocks of {type(model).__name__}",
+                        "calibrated passes support llama, mistral, qwen2, phi3, gpt2 and opt")
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+@dataclasses.dataclass
+class BlockJob:
+    """One block's calibration work: a private float copy and its activations."""
+
+    index: int
+    prefix: str  # "model.layers.3"
+    block: torch.nn.Module
+    inputs: ActivationStore
+    kwargs: list[dict]
+    targets: ActivationStore | None
+    device: torch.device
+    qweights: dict = dataclasses.field(default_factory=dict)
+    float_updates: dict = dataclasses.field(default_factory=dict)
+    progress: Callable[[str], None] = lambda text: None
+
+    def linears(self) -> dict[str, torch.nn.Linear]:
+        """Relative module name -> Linear, in definition order."""
+        return {n: m for n, m in self.block.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def path(self, relative: str) -> str:
+        return f"{self.prefix}.{relative}"
+
+    @torch.no_grad()
+    def forward(self, batch: int, block: torch.nn.Module | None = None) -> torch.Tensor:
+        block = block or self.block
+        x = self.inputs[batch].to(self.device)
+        return _block_output(block(x, **_to(self.kwargs[batch], self.device)))
+
+    def forward_with_grad(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        return _block_output(self.block(x, **_to(self.kwargs[batch], self.device)))
+
+    def observe_inputs(self, names: list[str], observe: Callable[[str, torch.Tensor], None]):
+        """Run every batch through the block, calling ``observe(name, x)`` with the input
+        of each linear in ``names`` (as ``[tokens, in_features]``)."""
+        modules = self.linears()
+        hooks = [
+            modules[name].register_forward_pre_hook(
+                lambda mod, args, name=name: observe(name, args[0].reshape(-1, args[0].shape[-1]))
+            )
+            for name in names
+        ]
+        try:
+            for batch in range(len(self.inputs)):
+                self.forward(batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def call_groups(self) -> list[list[str]]:
+        """Linears grouped by shared input, in the order the block calls them (q/k/v, o,
+        gate/up, down for Llama): the order of GPTQ's true-sequential quantization."""
+        calls: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them distinct
+        modules = self.linears()
+        hooks = [
+            module.register_forward_pre_hook(
+                lambda mod, args, name=name: calls.append((name, args[0])))
+            for name, module in modules.items()
+        ]
+        try:
+            self.forward(0)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        groups: list[list[str]] = []
+        last_input = None
+        for name, x in calls:
+            if groups and x is last_input and name not in groups[-1]:
+                groups[-1].append(name)
+            elif not any(name in g for g in groups):
+                groups.append([name])
+            last_input = x
+        return groups
+
+
+class BlockAlgorithm:
+    """What a calibrated pass plugs into the engine."""
+
+    #: shown in progress output
+    label: str = "calibrating"
+    #: block-output reconstruction needs the float model's outputs as targets
+    needs_float_targets: bool = False
+
+    def process(self, job: BlockJob) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    qweights: dict
+    float_updates: dict
+    seconds: float
+    peak_activation_bytes: int
+
+
+def _capture_first_inputs(model, blocks, samples, batch_size, store, kwargs_list):
+    def grab(module, args, kwargs):
+        store.append(args[0] if args else kwargs.pop("hidden_states"))
+        kwargs_list.append({k: _to(v, "cpu") for k, v in kwargs.items()
+                            if k not in ("hidden_states",)})
+        raise _StopForward
+
+    hook = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, samples.shape[0], batch_size):
+                try:
+                    model(input_ids=samples[start: start + batch_size], use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        hook.remove()
+
+
+def _outputs(block, inputs: ActivationStore, kwargs, device, spill_dir, tag) -> ActivationStore:
+    out = ActivationStore(spill_dir, tag)
+    with torch.no_grad():
+        for i in range(len(inputs)):
+            x = inputs[i].to(device)
+            out.append(_block_output(block(x, **_to(kwargs[i], device))).to("cpu"))
+    return out
+
+
+def _record_float_changes(job: BlockJob, original: torch.nn.Module) -> None:
+    """Float parameters the algorithm changed (AWQ's folded scales), by full name; the
+    weights of quantized linears are reported as integer weights instead."""
+    quantized = {f"{path}.weight" for path in job.qweights}
+    before = dict(original.named_parameters())
+    for name, param in job.block.named_parameters():
+        full = job.path(name)
+        if full in quantized or full in job.float_updates:
+            continue
+        value = param.detach().to("cpu")
+        if not torch.equal(value, before[name].detach().to("cpu", torch.float32)):
+            job.float_updates[full] = value.clone()
+
+
+def _store_bytes(*stores) -> int:
+    return sum(s[i].numel() * s[i].element_size() for s in stores if s is not None
+               for i in range(len(s)) if not isinstance(s._items[i], pathlib.Path))
+
+
+def run_block_calibration(
+    model: torch.nn.Module,
+    samples: torch.Tensor,
+    algorithm: BlockAlgorithm,
+    batch_size: int = 8,
+    spill: bool = False,
+    device: str | torch.device = "cpu",
+) -> CalibrationResult:
+    """Run ``algorithm`` over every decoder block of ``model`` (which is left unchanged)."""
+    start = time.perf_counter()
+    device = torch.device(device)
+    prefix, blocks = decoder_blocks(model)
+    with tempfile.TemporaryDirectory(prefix="qcompile-spill-") as tmp:
+        spill_dir = pathlib.Path(tmp) if spill else None
+        inputs, kwargs = ActivationStore(spill_dir, "in"), []
+        _capture_first_inputs(model, blocks, samples, batch_size, inputs, kwargs)
+        float_inputs = inputs if algorithm.needs_float_targets else None
+        qweights, float_updates, peak = {}, {}, 0
+        bar, task = progress_bar(f"{algorithm.label}: block 1/{len(blocks)}", len(blocks))
+        with bar:
+            for index, original in enumerate(blocks):
+                block = copy.deepcopy(original).to(device=device, dtype=torch.float32).eval()
+                targets = None
+                if float_inputs is not None:
+                    targets = _outputs(block, float_inputs, kwargs, device, spill_dir,
+                                       f"target{index}")
+                job = BlockJob(index, f"{prefix}.{index}", block, inputs, kwargs, targets, device)
+                job.progress = lambda text, i=index: bar.update(
+                    task, description=f"{algorithm.label}: block {i + 1}/{len(blocks)} {text}")
+                job.progress("")
+                algorithm.process(job)
+                _record_float_changes(job, original)
+                qweights.update(job.qweights)
+                float_updates.update(job.float_updates)
+                peak = max(peak, _store_bytes(inputs, targets, float_inputs))
+                next_inputs = _outputs(block, inputs, kwargs, device, spill_dir, f"in{index}")
+                if float_inputs is not None:
+                    # the next block's float inputs are this block's float outputs
+                    if float_inputs is not inputs:
+                        float_inputs.clear()
+                    float_inputs = targets
+                if inputs is not float_inputs:
+                    inputs.clear()
+                inputs = next_inputs
+                del block, job
+                bar.advance(task)
+    seconds = time.perf_counter() - start
+    console.print(f"  {algorithm.label}: {len(qweights)} weights over {len(blocks)} blocks in "
+                  f"{seconds:.1f} s")
+    return CalibrationResult(qweights, float_updates, round(seconds, 3), peak)
