@@ -78,7 +78,7 @@ class CalibratedWeightPass(QuantizeWeightsRTN):
                                        options.spill, self._device())
         self._precomputed = {path: q for path, q in result.qweights.items()}
         self._apply_float_updates(graph_module, result.float_updates)
-        self.context.layers.setdefault("_calibration", {}).update({
+        self.context.calibration.update({
             "algorithm": self.name, "samples": options.samples, "seq_len": options.seq_len,
             "data": options.data, "seconds": result.seconds,
             "peak_activation_bytes": result.peak_activation_bytes,

@@ -96,6 +96,7 @@ def _report(loaded, recipe, target, stages, accuracy_level, timings, bundle) -> 
         "target": {"name": target.name, "opset": 21, "accuracy_level": accuracy_level},
         "signature": stages.context.signature.to_dict(),
         "layers": stages.context.layers,
+        "calibration": stages.context.calibration,
         "sizes": {"model_bytes": model_bytes, "bundle_bytes": directory_bytes(bundle)},
         "timings": timings,
     }

@@ -44,6 +44,8 @@ class PassContext:
     #: for passes that calibrate on text (None for models saved without one)
     tokenizer: Any = None
     layers: dict[str, dict] = dataclasses.field(default_factory=dict)
+    #: what a calibrated pass calibrated on and how long it took (report.json "calibration")
+    calibration: dict = dataclasses.field(default_factory=dict)
     passes_run: list[dict] = dataclasses.field(default_factory=list)
 
 

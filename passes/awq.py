@@ -1,0 +1,133 @@
+"""``awq``: activation-aware weight quantization (scale search folded exactly, then clipping).
+
+See :mod:`qcompile.algorithms.awq` for the math. Per block: one pass over the calibration
+batches records each linear's mean ``|x|`` per input channel and a token sample; then every
+scaling group searches its alpha and folds the scale (the recorded statistics are rescaled
+analytically, since folding divides the linears' inputs by exactly ``s``); then each linear's
+clipping range is searched (not for q/k, whose errors are amplified by the softmax, as in
+llm-awq) and the result is rounded to nearest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.fx.passes.infra.pass_base import PassResult
+
+from qcompile.algorithms.awq import apply_scale, expand, scaling_groups, search_clip, search_scale
+from qcompile.block_calibration import BlockAlgorithm, BlockJob
+from qcompile.errors import QcompileError
+from qcompile.pass_infra import register_pass
+from qcompile.weight_quantizer import quantize_weight
+
+from .calibrated import CalibratedOptions, CalibratedWeightPass
+
+__all__ = ["AWQOptions", "AWQ", "AWQBlocks"]
+
+_NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQOptions(CalibratedOptions):
+    """AWQ's knobs, with llm-awq's defaults (20-point alpha grid, clip shrink 0.5 / 20)."""
+
+    grid: int = 20
+    clip: bool = True
+    max_shrink: float = 0.5
+    #: calibration tokens used by the searches (llm-awq: 512 for clipping)
+    search_tokens: int = 4096
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.grid < 1 or not 0 <= self.max_shrink < 1 or self.search_tokens < 16:
+            raise QcompileError(f"{where}: grid >= 1, 0 <= max_shrink < 1 and "
+                                "search_tokens >= 16 are required",
+                                "the defaults are grid 20, max_shrink 0.5, search_tokens 4096")
+
+
+class _InputStats:
+    """Mean ``|x|`` per input channel over all tokens, and an evenly strided token sample."""
+
+    def __init__(self, stride: int):
+        self.stride, self.abs_sum, self.count, self.rows = stride, None, 0, []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().to("cpu", torch.float32)
+        total = x.abs().sum(0)
+        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+        self.count += x.shape[0]
+        self.rows.append(x[:: self.stride])
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.abs_sum / self.count, torch.cat(self.rows)
+
+
+class AWQBlocks(BlockAlgorithm):
+    label = "AWQ"
+
+    def __init__(self, spec_for, options: AWQOptions):
+        self.spec_for, self.options = spec_for, options
+        self.alphas: dict[str, float] = {}
+
+    def _statistics(self, job: BlockJob, names: list[str]) -> dict:
+        tokens = sum(job.inputs[i].shape[0] * job.inputs[i].shape[1]
+                     for i in range(len(job.inputs)))
+        stride = max(1, tokens // self.options.search_tokens)
+        stats = {name: _InputStats(stride) for name in names}
+        job.progress("input statistics")
+        job.observe_inputs(names, lambda name, x: stats[name].add(x))
+        return {name: s.finish() for name, s in stats.items()}
+
+    def _scale_groups(self, job: BlockJob, stats: dict) -> None:
+        modules = dict(job.block.named_modules())
+        for group in scaling_groups(job.block):
+            specs = [self.spec_for(job.path(n)) for n in group.linears]
+            spec = next((s for s in specs if s is not None), None)
+            if spec is None:
+                continue
+            job.progress(f"scales {group.producer} -> {', '.join(group.linears)}")
+            abs_mean, sample = stats[group.linears[0]]
+            weights = [modules[n].weight.detach().cpu() for n in group.linears]
+            scale, alpha, _ = search_scale(abs_mean, sample, weights, spec, group,
+                                           self.options.grid)
+            apply_scale(modules[group.producer], [modules[n] for n in group.linears],
+                        scale.to(job.device), group)
+            s_in = expand(scale, group)
+            for name in group.linears:
+                mean, rows = stats[name]
+                stats[name] = (mean / s_in, rows / s_in)
+                self.alphas[job.path(name)] = alpha
+
+    def process(self, job: BlockJob) -> None:
+        linears = job.linears()
+        names = [n for n in linears if self.spec_for(job.path(n)) is not None]
+        stats = self._statistics(job, names)
+        self._scale_groups(job, stats)
+        for name in names:
+            linear, spec = linears[name], self.spec_for(job.path(name))
+            weight = linear.weight.detach().cpu()
+            if self.options.clip and not name.endswith(_NO_CLIP):
+                job.progress(f"clipping {name}")
+                weight = search_clip(weight, stats[name][1], spec, self.options.max_shrink,
+                                     self.options.grid)
+            qweight = quantize_weight(weight, spec)
+            linear.weight.data = qweight.dequantize().to(linear.weight.device)
+            job.qweights[job.path(name)] = qweight
+
+
+@register_pass
+class AWQ(CalibratedWeightPass):
+    name = "awq"
+    Options = AWQOptions
+
+    def algorithm(self) -> BlockAlgorithm:
+        self._blocks = AWQBlocks(self.block_spec, self.options)
+        return self._blocks
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        result = super().call(graph_module)
+        for path, alpha in self._blocks.alphas.items():
+            if path in self.context.layers:
+                self.context.layers[path]["awq_alpha"] = alpha
+        return result

@@ -1,0 +1,76 @@
+"""``gptq``: GPTQ weight quantization, true-sequential inside each decoder block.
+
+Inside a block the linears are quantized group by group in the order the block calls them
+(q/k/v, then o, then gate/up, then down for Llama): each group's Hessian is collected with the
+groups before it already quantized, so later layers see (and compensate) earlier layers' error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qcompile.algorithms.gptq import HessianAccumulator, gptq_quantize
+from qcompile.block_calibration import BlockAlgorithm, BlockJob
+from qcompile.errors import QcompileError
+from qcompile.pass_infra import register_pass
+
+from .calibrated import CalibratedOptions, CalibratedWeightPass
+
+__all__ = ["GPTQOptions", "GPTQ", "GPTQBlocks"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQOptions(CalibratedOptions):
+    """GPTQ's knobs, with the paper's defaults."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    true_sequential: bool = True
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if not 0 < self.damp < 1:
+            raise QcompileError(f"{where}.damp = {self.damp} is out of range",
+                                "use a small fraction of the mean Hessian diagonal, e.g. 0.01")
+        if self.block_size < 1:
+            raise QcompileError(f"{where}.block_size must be >= 1", "the paper uses 128")
+
+
+class GPTQBlocks(BlockAlgorithm):
+    label = "GPTQ"
+
+    def __init__(self, spec_for, options: GPTQOptions):
+        self.spec_for, self.options = spec_for, options
+
+    def _groups(self, job: BlockJob) -> list[list[str]]:
+        groups = job.call_groups()
+        if not self.options.true_sequential:
+            groups = [[name for group in groups for name in group]]
+        return [[n for n in g if self.spec_for(job.path(n)) is not None] for g in groups]
+
+    def process(self, job: BlockJob) -> None:
+        linears = job.linears()
+        for group in self._groups(job):
+            if not group:
+                continue
+            job.progress(f"hessians of {', '.join(n.rsplit('.', 1)[-1] for n in group)}")
+            hessians = {n: HessianAccumulator(linears[n].in_features) for n in group}
+            job.observe_inputs(group, lambda name, x: hessians[name].add(x))
+            for name in group:
+                job.progress(f"quantizing {name.rsplit('.', 1)[-1]}")
+                linear = linears[name]
+                qweight = gptq_quantize(linear.weight, hessians[name].hessian,
+                                        self.spec_for(job.path(name)), self.options.damp,
+                                        self.options.block_size, self.options.act_order)
+                linear.weight.data = qweight.dequantize().to(linear.weight.device)
+                job.qweights[job.path(name)] = qweight
+
+
+@register_pass
+class GPTQ(CalibratedWeightPass):
+    name = "gptq"
+    Options = GPTQOptions
+
+    def algorithm(self) -> BlockAlgorithm:
+        return GPTQBlocks(self.block_spec, self.options)

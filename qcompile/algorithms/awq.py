@@ -1,0 +1,169 @@
+"""AWQ (Lin et al.): activation-aware per-input-channel scales, folded exactly, plus clipping.
+
+For linears that share an input ``x`` produced by a scalable op (a norm, or a linear whose
+output feeds them linearly), ``y = x W^T = (x / s)(W s)^T`` for any positive per-channel ``s``.
+AWQ picks ``s = mean|x|^alpha`` (normalised by ``sqrt(max s * min s)``) over a grid of alpha,
+minimising the output error of the *quantized* ``Q(W s)``, then folds ``1/s`` into the
+producing op, so the float block computes exactly what it did before. Salient input channels
+get larger weights, hence finer relative rounding. After scaling, a clipping search shrinks
+each group's weight range (``max_shrink`` 0.5, 20 steps) to minimise the group's output error.
+
+Scaling groups by architecture (the producing op, the linears it feeds):
+
+* Llama / Mistral / Qwen2: ``input_layernorm -> q,k,v``; ``v_proj -> o_proj`` (for grouped-query
+  attention the per-KV-channel scale is repeated over the query heads sharing that KV head);
+  ``post_attention_layernorm -> gate,up``; ``up_proj -> down_proj`` (down's input is
+  ``act(gate) * up``, linear in ``up``).
+* OPT: ``self_attn_layer_norm -> q,k,v``; ``v_proj -> out_proj``; ``final_layer_norm -> fc1``;
+  ``fc1 -> fc2`` (ReLU is positively homogeneous: ``relu(x/s) = relu(x)/s``).
+* Phi-3: ``input_layernorm -> qkv_proj``; ``post_attention_layernorm -> gate_up_proj`` (fused
+  projections have no clean producer for o/down, which only get clipping).
+
+The objective for q/k/v is the error of the three projections' outputs (llm-awq inspects the
+whole attention output; this is cheaper and needs no attention re-run per grid point).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
+
+__all__ = ["ScalingGroup", "scaling_groups", "search_scale", "apply_scale", "search_clip",
+           "fake_quantize"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingGroup:
+    producer: str  # relative module name of the op whose output is the linears' input
+    linears: tuple[str, ...]
+    #: the producer is a linear whose output channels are repeated ``repeat`` times, in
+    #: blocks of ``head_dim`` (grouped-query attention's v_proj -> o_proj)
+    repeat: int = 1
+    head_dim: int = 0
+
+
+_LAYOUTS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+    ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.out_proj",)),
+    ("final_layer_norm", ("fc1",)),
+    ("fc1", ("fc2",)),
+    ("input_layernorm", ("self_attn.qkv_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+)
+
+
+def scaling_groups(block: torch.nn.Module) -> list[ScalingGroup]:
+    """The scaling groups present in ``block`` (by module names, see the module docstring)."""
+    modules = dict(block.named_modules())
+    groups = []
+    for producer, linears in _LAYOUTS:
+        if producer not in modules or not all(name in modules for name in linears):
+            continue
+        group = ScalingGroup(producer, linears)
+        if isinstance(modules[producer], torch.nn.Linear):
+            out_features = modules[producer].out_features
+            in_features = modules[linears[0]].in_features
+            if in_features != out_features:
+                head_dim = getattr(modules.get("self_attn"), "head_dim", 0)
+                if not head_dim or in_features % out_features:
+                    continue
+                group = ScalingGroup(producer, linears, in_features // out_features, head_dim)
+        groups.append(group)
+    return groups
+
+
+def expand(scale: torch.Tensor, group: ScalingGroup) -> torch.Tensor:
+    """A producer-channel scale as a consumer-channel scale (GQA: repeat per query head)."""
+    if group.repeat == 1:
+        return scale
+    heads = scale.view(-1, group.head_dim)
+    return heads.repeat_interleave(group.repeat, dim=0).reshape(-1)
+
+
+def reduce(per_input: torch.Tensor, group: ScalingGroup) -> torch.Tensor:
+    """Consumer-channel statistics averaged onto producer channels (inverse of expand)."""
+    if group.repeat == 1:
+        return per_input
+    return per_input.view(-1, group.repeat, group.head_dim).mean(1).reshape(-1)
+
+
+def fake_quantize(weight: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
+    return quantize_weight(weight, spec).dequantize()
+
+
+def search_scale(x_abs_mean: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+                 spec: WeightQuantSpec, group: ScalingGroup, grid: int = 20):
+    """``(scale over producer channels, alpha, error)`` minimising ``sum ||xW^T - (x/s)Q(Ws)^T||``.
+
+    ``alpha = 0`` (no scaling, plain RTN) is on the grid, so AWQ never does worse than RTN on
+    this objective.
+    """
+    reference = [x @ w.T for w in weights]
+    stat = reduce(x_abs_mean, group).clamp(min=1e-4)
+    best = (None, None, float("inf"))
+    for i in range(grid):
+        alpha = i / grid
+        s = stat.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        s_in = expand(s, group)
+        scaled_x = x / s_in
+        error = sum(float(((scaled_x @ fake_quantize(w * s_in, spec).T - ref) ** 2).mean())
+                    for w, ref in zip(weights, reference))
+        if error < best[2]:
+            best = (s, alpha, error)
+    return best
+
+
+@torch.no_grad()
+def apply_scale(producer: torch.nn.Module, linears: list[torch.nn.Linear], scale: torch.Tensor,
+                group: ScalingGroup) -> None:
+    """Fold ``1/scale`` into the producer's output channels and ``scale`` into the linears'
+    input channels; the float block output is unchanged (up to rounding)."""
+    if isinstance(producer, torch.nn.Linear):
+        producer.weight.div_(scale.view(-1, 1))
+    else:  # RMSNorm / LayerNorm: the affine weight (and bias) scale the output channels
+        producer.weight.div_(scale)
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.div_(scale)
+    s_in = expand(scale, group)
+    for linear in linears:
+        linear.weight.mul_(s_in.view(1, -1))
+
+
+def _grouped(t: torch.Tensor, size: int) -> torch.Tensor:
+    pad = (-t.shape[-1]) % size
+    t = torch.nn.functional.pad(t, (0, pad))
+    return t.reshape(*t.shape[:-1], -1, size)
+
+
+@torch.no_grad()
+def search_clip(weight: torch.Tensor, x: torch.Tensor, spec: WeightQuantSpec,
+                max_shrink: float = 0.5, grid: int = 20) -> torch.Tensor:
+    """``weight`` clamped per (row, group) to the range that minimises the group's output
+    error ``||x_g (Q(clamp(w_g)) - w_g)^T||`` over the shrink factors ``1 - i/grid``."""
+    from qcompile.weight_format import effective_group_size
+
+    size = effective_group_size(spec.group_size, weight.shape[1])
+    w_g = _grouped(weight, size)                        # [N, G, g]
+    x_g = _grouped(x, size)                             # [T, G, g]
+    top = w_g.abs().amax(-1, keepdim=True)              # [N, G, 1]
+    best_err = torch.full(top.shape[:2], float("inf"))
+    best_top = top.clone()
+    for i in range(int(max_shrink * grid)):
+        limit = top * (1 - i / grid)
+        clamped = torch.maximum(torch.minimum(w_g, limit), -limit)
+        flat = clamped.reshape(weight.shape[0], -1)[:, : weight.shape[1]]
+        q = _grouped(fake_quantize(flat, spec), size)
+        err = torch.einsum("tgk,ngk->tng", x_g, q - w_g).pow(2).mean(0)   # [N, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_top = torch.where(better.unsqueeze(-1), limit, best_top)
+    clamped = torch.maximum(torch.minimum(w_g, best_top), -best_top)
+    return clamped.reshape(weight.shape[0], -1)[:, : weight.shape[1]].contiguous()
