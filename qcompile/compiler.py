@@ -84,6 +84,13 @@ def build_stages(
     return Stages(loaded, loaded.model, exported, snapshots, module, program, context)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _report(loaded, recipe, target, stages, accuracy_level, timings, bundle) -> dict:
     model_bytes = sum(
         (bundle / f).stat().st_size for f in (MODEL_FILE, DATA_FILE) if (bundle / f).exists()
@@ -99,6 +106,7 @@ def _report(loaded, recipe, target, stages, accuracy_level, timings, bundle) -> 
         "calibration": stages.context.calibration,
         "sizes": {"model_bytes": model_bytes, "bundle_bytes": directory_bytes(bundle)},
         "timings": timings,
+        "resources": {"peak_rss_bytes": peak_rss_bytes()},
     }
 
 

@@ -96,6 +96,34 @@ BUILTIN_RECIPES: dict[str, dict] = {
 }
 
 
+#: the calibrated methods' built-in recipes: ``w{4,3,2}a16-<method>`` at the settings of the
+#: quality table (w4/w3 groups of 128, w2 groups of 64; asymmetric)
+CALIBRATED_METHODS: dict[str, tuple[str, str]] = {
+    "gptq": ("gptq", "GPTQ (act-order, static groups, true-sequential)"),
+    "awq": ("awq", "AWQ (activation-aware scales folded into norms, clipping search)"),
+    "flexround": ("flexround", "FlexRound (learned element-wise rounding, block reconstruction)"),
+    "lrq": ("lrq", "LRQ (low-rank learned rounding scales, block reconstruction)"),
+    "adadim-rtn": ("adadim_rtn", "AdaDim: per-layer choice of per-IC or per-OC groups, RTN"),
+    "adadim-gptq": ("adadim_gptq", "AdaDim: per-layer choice of per-IC or per-OC groups, GPTQ"),
+}
+_CALIBRATED_SETTINGS = {"w4a16": (4, 128), "w3a16": (3, 128), "w2a16": (2, 64)}
+
+
+def _calibrated(prefix: str, method: str) -> dict:
+    pass_name, description = CALIBRATED_METHODS[method]
+    bits, group = _CALIBRATED_SETTINGS[prefix]
+    return {
+        "description": f"int{bits} weights, groups of {group}, asymmetric, {description}",
+        "passes": [{pass_name: {"bits": bits, "group_size": group}}, "pack_weights"],
+    }
+
+
+BUILTIN_RECIPES.update({
+    f"{prefix}-{method}": _calibrated(prefix, method)
+    for method in CALIBRATED_METHODS for prefix in _CALIBRATED_SETTINGS
+})
+
+
 #: ``<recipe>+<modifier>`` appends a KV-cache quantization step to any recipe
 KV_MODIFIERS: dict[str, dict] = {
     "kv8": {"bits": 8},
