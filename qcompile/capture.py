@@ -12,9 +12,13 @@ changes the layout's entries, and nothing downstream hard-codes the number of in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
+
+from qcompile.attention_capture import (GQA_KWARG, group_query_attention_layers, gqa_inputs,
+                                        rotary_tables)
 
 __all__ = [
     "CacheEntry",
@@ -153,11 +157,21 @@ class CausalLMWithCache(torch.nn.Module):
     ``past_key_values`` is a flat list ``[k0, v0, k1, v1, ...]``; each layer's tensors go into
     a ``DynamicCache`` layer as they are, so each present is ``cat(past, new)`` in the graph
     (the node the KV-quant pass rewrites).
+
+    With ``group_query_attention`` each layer's attention is instead one
+    ``qcompile::group_query_attention`` op (:mod:`qcompile.attention_capture`) that returns the
+    presents; the rotary tables become the buffers ``rotary_cos_cache`` / ``rotary_sin_cache``
+    (one row per position up to the context length).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, group_query_attention: bool = False):
         super().__init__()
         setattr(self, WRAPPER_ATTRIBUTE, model)
+        self.group_query_attention = group_query_attention
+        if group_query_attention:
+            cos, sin = rotary_tables(model, int(model.config.max_position_embeddings))
+            self.register_buffer("rotary_cos_cache", cos)
+            self.register_buffer("rotary_sin_cache", sin)
 
     def forward(self, input_ids, attention_mask, past_key_values):
         from transformers.cache_utils import DynamicCache
@@ -168,8 +182,14 @@ class CausalLMWithCache(torch.nn.Module):
             key, value = past_key_values[2 * i], past_key_values[2 * i + 1]
             layer.dtype, layer.device = key.dtype, key.device
             layer.keys, layer.values, layer.is_initialized = key, value, True
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    past_key_values=cache, use_cache=True)
+        extra, scope = {}, contextlib.nullcontext()
+        if self.group_query_attention:
+            extra[GQA_KWARG] = gqa_inputs(attention_mask, self.rotary_cos_cache,
+                                          self.rotary_sin_cache)
+            scope = group_query_attention_layers(model)
+        with scope:
+            out = model(input_ids=input_ids, attention_mask=attention_mask,
+                        past_key_values=cache, use_cache=True, **extra)
         presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return out.logits, presents
 
@@ -205,10 +225,12 @@ def prepare_for_capture(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def capture(model: torch.nn.Module, signature: ExportSignature) -> torch.export.ExportedProgram:
-    """Export ``model`` (an HF causal LM, or an already-captured module) as ``signature``."""
+def capture(model: torch.nn.Module, signature: ExportSignature,
+            group_query_attention: bool = False) -> torch.export.ExportedProgram:
+    """Export ``model`` (an HF causal LM, or an already-captured module) as ``signature``;
+    ``group_query_attention`` captures each layer's attention as one op (HF models only)."""
     if not isinstance(model, torch.fx.GraphModule):
-        model = CausalLMWithCache(prepare_for_capture(model))
+        model = CausalLMWithCache(prepare_for_capture(model), group_query_attention)
     with torch.no_grad():
         return torch.export.export(
             model,

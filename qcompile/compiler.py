@@ -16,6 +16,7 @@ import time
 import torch
 
 from qcompile import __version__
+from qcompile.attention_capture import unsupported_reason
 from qcompile.bundle import atomic_directory, check_output, directory_bytes, write_report
 from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step
@@ -26,7 +27,11 @@ from qcompile.models import LoadedModel, load_model
 from qcompile.pass_infra import PassContext, run_passes
 from qcompile.recipes import Recipe, load_recipe
 
-__all__ = ["Stages", "build_stages", "compile_bundle", "prepare_request"]
+__all__ = ["Stages", "attention_lowering", "build_stages", "compile_bundle",
+           "group_query_attention_of_report", "prepare_request"]
+
+GQA = "group_query_attention"
+DECOMPOSED = "decomposed"
 
 
 @dataclasses.dataclass
@@ -50,21 +55,42 @@ def prepare_request(recipe_name: str, target_name: str) -> tuple[Recipe, Target]
     return recipe, target
 
 
+def attention_lowering(model, recipe: Recipe, target: Target) -> dict:
+    """How attention is captured: ``{"kind": "group_query_attention"}``, or ``decomposed``
+    with the reason. The op is ORT's (``ort`` target only: ``onnx-qdq`` stays standard ONNX)
+    and hides the ``cat(past, new)`` nodes that KV-cache quantization rewrites."""
+    if not target.fuse:
+        reason = f"target {target.name} is standard ONNX"
+    elif any(s.name == "quantize_kv_cache" for s in recipe.steps):
+        reason = "the KV cache is quantized"
+    else:
+        reason = unsupported_reason(model)
+    return {"kind": DECOMPOSED, "reason": reason} if reason else {"kind": GQA}
+
+
+def group_query_attention_of_report(report: dict) -> bool:
+    """Whether the bundle's decoder was captured with the attention op (older bundles: no)."""
+    return report.get("graph", {}).get("attention", {}).get("kind") == GQA
+
+
 def build_stages(
     loaded: LoadedModel,
     recipe: Recipe,
     keep_snapshots: bool,
     timings: dict,
     recapture: bool = True,
+    group_query_attention: bool = False,
 ) -> Stages:
     """Capture ``loaded`` and run ``recipe``'s passes; optionally keep per-stage copies.
 
     ``recapture=False`` skips the final ``torch.export`` (callers that only run the torch
     stages need no ExportedProgram; ``Stages.program`` is then the pre-pass capture).
+    ``group_query_attention`` captures each layer's attention as one op (see
+    :func:`attention_lowering`); every torch stage then runs its reference implementation.
     """
     signature = decoder_signature(loaded.model)
     with step("capturing the KV-cache decoder with torch.export", timings, "capture_s"):
-        program = capture(loaded.model, signature)
+        program = capture(loaded.model, signature, group_query_attention)
         module = unlift(program)
         module.meta["qcompile.signature"] = signature
     exported = copy.deepcopy(module) if keep_snapshots else None
@@ -126,7 +152,9 @@ def compile_bundle(
     with step(f"loading {source or 'the default model (SmolLM2-135M-Instruct)'}", timings,
               "load_s"):
         loaded = load_model(source)
-    stages = build_stages(loaded, recipe, keep_snapshots=False, timings=timings)
+    attention = attention_lowering(loaded.model, recipe, target)
+    stages = build_stages(loaded, recipe, keep_snapshots=False, timings=timings,
+                          group_query_attention=attention["kind"] == GQA)
     with atomic_directory(out_dir, force) as tmp:
         with step(f"lowering to ONNX for target {target.name}", timings, "lower_s"):
             graph = export_onnx(stages.program, target, tmp, accuracy_level,
@@ -137,7 +165,7 @@ def compile_bundle(
                            loaded.tokenizer)
         timings["compile_s"] = round(time.perf_counter() - start, 3)
         report = _report(loaded, recipe, target, stages, accuracy_level, timings, tmp)
-        report["graph"] = graph
+        report["graph"] = {"attention": attention, **graph}
         write_report(tmp, report)
     console.print(
         f"[bold green]bundle[/bold green] {out_dir}: {report['sizes']['model_bytes']:,} model "

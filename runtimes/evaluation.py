@@ -8,7 +8,7 @@ from __future__ import annotations
 import pathlib
 
 from qcompile.bundle import read_report, update_report
-from qcompile.compiler import build_stages
+from qcompile.compiler import build_stages, group_query_attention_of_report
 from qcompile.console import step
 from qcompile.errors import QcompileError
 from qcompile.lowering.export_onnx import MODEL_FILE
@@ -55,7 +55,8 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
         results["fp32_source"] = perplexity(TorchRunner(loaded.model), ids, "fp32 source (torch)")
     if reference:
         stages = build_stages(loaded, recipe_of_report(report), keep_snapshots=False,
-                              timings={}, recapture=False)
+                              timings={}, recapture=False,
+                              group_query_attention=group_query_attention_of_report(report))
         results["bundle_torch_reference"] = perplexity(
             TorchRunner(stages.final), ids, "bundle (torch reference)")
     update_report(bundle, "perplexity", results)

@@ -15,7 +15,7 @@ import torch
 from onnx import numpy_helper
 
 from qcompile.bundle import read_report, update_report
-from qcompile.compiler import Stages, build_stages
+from qcompile.compiler import Stages, build_stages, group_query_attention_of_report
 from qcompile.console import step
 from qcompile.errors import QcompileError
 from qcompile.lowering.export_onnx import MODEL_FILE
@@ -222,8 +222,8 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
     report = read_report(bundle)
     recipe = recipe_of_report(report)
     loaded = load_model(source or report["source"]["path"])
-    stages = build_stages(loaded, recipe, keep_snapshots=True, timings={},
-                          recapture=False)
+    stages = build_stages(loaded, recipe, keep_snapshots=True, timings={}, recapture=False,
+                          group_query_attention=group_query_attention_of_report(report))
     inputs = verification_inputs(loaded.tokenizer, loaded.config.vocab_size)
     ladder = _Ladder(stages, bundle, report, inputs)
     skipped: list[dict] = []

@@ -42,7 +42,7 @@ def test_default_model_compile_verify_eval(tmp_path):
     assert abs(ours / reference - 1) < 0.005  # the artifact computes what the torch model does
 
     assert report["parity"]["decode"]["tokens_equal"]
-    assert report["graph"]["fusions"]["sdpa_via_mha"] == 30  # one MultiHeadAttention a layer
+    assert report["graph"]["fusions"]["GroupQueryAttention"] == 30  # rotary + cache + attention
 
     texts = {}
     for engine in ("genai", "ort"):

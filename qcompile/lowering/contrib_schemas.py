@@ -15,6 +15,7 @@ __all__ = ["MICROSOFT_DOMAIN", "register_contrib_schemas"]
 MICROSOFT_DOMAIN = "com.microsoft"
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
 _INT = OpSchema.AttrType.INT
+_FLOAT = OpSchema.AttrType.FLOAT
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
@@ -23,10 +24,10 @@ def _param(name: str, type_str: str, optional: bool = False) -> OpSchema.FormalP
     return OpSchema.FormalParameter(name, type_str, param_option=option)
 
 
-def _attr(name: str, required: bool = False) -> OpSchema.Attribute:
+def _attr(name: str, required: bool = False, kind=_INT) -> OpSchema.Attribute:
     if required:
-        return OpSchema.Attribute(name, _INT, "", required=True)
-    return OpSchema.Attribute(name, _INT, "")
+        return OpSchema.Attribute(name, kind, "", required=True)
+    return OpSchema.Attribute(name, kind, "")
 
 
 def _matmul_nbits() -> OpSchema:
@@ -85,8 +86,39 @@ def _gather_block_quantized() -> OpSchema:
     )
 
 
+def _group_query_attention() -> OpSchema:
+    """The inputs qcompile feeds (float cache, rotary tables); ORT's schema has more."""
+    return OpSchema(
+        "GroupQueryAttention",
+        MICROSOFT_DOMAIN,
+        1,
+        inputs=[
+            _param("query", "T"),
+            _param("key", "T", optional=True),
+            _param("value", "T", optional=True),
+            _param("past_key", "T", optional=True),
+            _param("past_value", "T", optional=True),
+            _param("seqlens_k", "M"),
+            _param("total_sequence_length", "M"),
+            _param("cos_cache", "T", optional=True),
+            _param("sin_cache", "T", optional=True),
+        ],
+        outputs=[_param("output", "T"), _param("present_key", "T"),
+                 _param("present_value", "T")],
+        type_constraints=[("T", _FLOATS, ""), ("M", ["tensor(int32)"], "")],
+        attributes=[
+            _attr("num_heads", True),
+            _attr("kv_num_heads", True),
+            _attr("scale", kind=_FLOAT),
+            _attr("do_rotary"),
+            _attr("rotary_interleaved"),
+            _attr("local_window_size"),
+        ],
+    )
+
+
 def register_contrib_schemas() -> None:
     """Register the schemas once per process (re-registration is a no-op)."""
-    for schema in (_matmul_nbits(), _gather_block_quantized()):
+    for schema in (_matmul_nbits(), _gather_block_quantized(), _group_query_attention()):
         if not onnx.defs.has(schema.name, schema.domain):
             onnx.defs.register_schema(schema)

@@ -105,6 +105,10 @@ def export_onnx(
     fusions: dict[str, int] = {}
     if target.fuse:
         model, fusions = fuse_for_ort(model)
+    # lowered directly from qcompile::group_query_attention, not by a rewrite rule
+    attention = op_counts(model).get("com.microsoft::GroupQueryAttention", 0)
+    if attention:
+        fusions = {"GroupQueryAttention": attention, **fusions}
     model = _cleanup(model)
     model.producer_name = "qcompile"
     path = out_dir / MODEL_FILE

@@ -7,6 +7,8 @@ onnxscript function for ``torch.onnx.export(..., custom_translation_table=...)``
   4-bit container; per-channel as one power-of-two block at least as long as K).
 * ``qcompile::embedding_wN``  -> ``com.microsoft::GatherBlockQuantized`` (uint8 data, rows
   packed, ``gather_axis=0``, ``quantize_axis=1``).
+* ``qcompile::group_query_attention`` -> ``com.microsoft::GroupQueryAttention`` with rotary
+  inside (``do_rotary=1``, half-split), inputs and outputs in the op's order.
 
 ``accuracy_level`` picks MatMulNBits' compute type: 0/1 float32 (bit-faithful to the torch
 reference), 4 int8 activations per block (the fast path the genai model builder uses).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import onnxscript
 import torch
 
+from qcompile import attention_op  # noqa: F401  (registers qcompile::group_query_attention)
 from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN, register_contrib_schemas
 from qcompile.weight_format import container_bits
 
@@ -59,4 +62,26 @@ def ort_translation_table(accuracy_level: int) -> dict:
     return {
         torch.ops.qcompile.linear_wNa16.default: linear_wNa16,
         torch.ops.qcompile.embedding_wN.default: embedding_wN,
+        torch.ops.qcompile.group_query_attention.default: group_query_attention,
     }
+
+
+def group_query_attention(query, key, value, past_key, past_value, seqlens_k,
+                          total_sequence_length, cos_cache, sin_cache, num_heads, kv_num_heads,
+                          scale):
+    return _MSFT.GroupQueryAttention(
+        query,
+        key,
+        value,
+        past_key,
+        past_value,
+        seqlens_k,
+        total_sequence_length,
+        cos_cache,
+        sin_cache,
+        num_heads=num_heads,
+        kv_num_heads=kv_num_heads,
+        scale=scale,
+        do_rotary=1,
+        rotary_interleaved=0,
+    )
