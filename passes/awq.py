@@ -15,7 +15,13 @@ import dataclasses
 import torch
 from torch.fx.passes.infra.pass_base import PassResult
 
-from qcompile.algorithms.awq import apply_scale, expand, scaling_groups, search_clip, search_scale
+from qcompile.algorithms.awq import (
+    apply_scale,
+    expand,
+    scaling_groups,
+    search_clip,
+    search_scale,
+)
 from qcompile.block_calibration import BlockAlgorithm, BlockJob
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import register_pass
@@ -23,7 +29,7 @@ from qcompile.weight_quantizer import quantize_weight
 
 from .calibrated import CalibratedOptions, CalibratedWeightPass
 
-__all__ = ["AWQOptions", "AWQ", "AWQBlocks"]
+__all__ = ["AWQ", "AWQBlocks", "AWQOptions"]
 
 _NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 

@@ -16,7 +16,7 @@ from qcompile.pass_infra import register_pass
 
 from .calibrated import CalibratedOptions, CalibratedWeightPass
 
-__all__ = ["GPTQOptions", "GPTQ", "GPTQBlocks"]
+__all__ = ["GPTQ", "GPTQBlocks", "GPTQOptions"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class GPTQBlocks(BlockAlgorithm):
                 continue
             job.progress(f"hessians of {', '.join(n.rsplit('.', 1)[-1] for n in group)}")
             hessians = {n: HessianAccumulator(linears[n].in_features) for n in group}
-            job.observe_inputs(group, lambda name, x: hessians[name].add(x))
+            job.observe_inputs(group, lambda name, x, h=hessians: h[name].add(x))
             for name in group:
                 job.progress(f"quantizing {name.rsplit('.', 1)[-1]}")
                 linear = linears[name]

@@ -32,8 +32,14 @@ import torch
 from qcompile.console import console, progress_bar
 from qcompile.errors import QcompileError
 
-__all__ = ["ActivationStore", "BlockJob", "BlockAlgorithm", "decoder_blocks",
-           "run_block_calibration", "CalibrationResult"]
+__all__ = [
+    "ActivationStore",
+    "BlockAlgorithm",
+    "BlockJob",
+    "CalibrationResult",
+    "decoder_blocks",
+    "run_block_calibration",
+]
 
 
 class ActivationStore:
@@ -71,7 +77,7 @@ class ActivationStore:
 
 def decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """``(prefix, blocks)``: the ModuleList holding the model's ``num_hidden_layers`` blocks."""
-    count = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer")
+    count = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return name, module

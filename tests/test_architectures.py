@@ -38,8 +38,13 @@ def test_compile_and_verify(arch, target, tiny_model_dir, tmp_path):
     assert json.loads((out / "report.json").read_text())["parity"]["passed"]
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "w8a16-rtn", "w4a16-rtn-g32"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+# every architecture once and every weight format twice (a full cross product costs 12 more
+# compiles for no new code path: the recipe changes the MatMul kind, not the decoder I/O)
+_GENAI_CASES = [("llama", "w4a16-rtn-g32"), ("qwen2", "fp32"), ("mistral", "w8a16-rtn"),
+                ("phi3", "w4a16-rtn-g32"), ("gpt2", "w8a16-rtn"), ("opt", "fp32")]
+
+
+@pytest.mark.parametrize("arch,recipe", _GENAI_CASES)
 def test_onnxruntime_genai_generates_from_the_bundle(arch, recipe, tiny_model_dir, tmp_path):
     """genai loads the bundle unchanged and its greedy tokens equal qcompile's own loop's."""
     from qcompile.runtimes.genai_session import GenaiSession

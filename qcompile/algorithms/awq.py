@@ -31,8 +31,14 @@ import torch
 
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
-__all__ = ["ScalingGroup", "scaling_groups", "search_scale", "apply_scale", "search_clip",
-           "fake_quantize"]
+__all__ = [
+    "ScalingGroup",
+    "apply_scale",
+    "fake_quantize",
+    "scaling_groups",
+    "search_clip",
+    "search_scale",
+]
 
 
 @dataclasses.dataclass(frozen=True)
