@@ -44,27 +44,39 @@ class GPTQBlocks(BlockAlgorithm):
         self.spec_for, self.options = spec_for, options
 
     def _groups(self, job: BlockJob) -> list[list[str]]:
-        groups = job.call_groups()
-        if not self.options.true_sequential:
-            groups = [[name for group in groups for name in group]]
-        return [[n for n in g if self.spec_for(job.path(n)) is not None] for g in groups]
+        """Linears by shared input (hence shared Hessian), in call order, minus float ones."""
+        groups = [[n for n in g if self.spec_for(job.path(n)) is not None]
+                  for g in job.call_groups()]
+        return [g for g in groups if g]
+
+    def _hessians(self, job: BlockJob, groups: list[list[str]]) -> dict:
+        linears = job.linears()
+        hessians = {g[0]: HessianAccumulator(linears[g[0]].in_features, job.device)
+                    for g in groups}
+        job.progress(f"hessians of {', '.join(g[0].rsplit('.', 1)[-1] for g in groups)}")
+        job.observe_inputs(list(hessians), lambda name, x, h=hessians: h[name].add(x))
+        return hessians
+
+    def _quantize_group(self, job: BlockJob, group: list[str], hessian) -> None:
+        linears = job.linears()
+        for name in group:
+            job.progress(f"quantizing {name.rsplit('.', 1)[-1]}")
+            linear = linears[name]
+            qweight = gptq_quantize(linear.weight, hessian.hessian,
+                                    self.spec_for(job.path(name)), self.options.damp,
+                                    self.options.block_size, self.options.act_order)
+            linear.weight.data = qweight.dequantize().to(linear.weight.device)
+            job.qweights[job.path(name)] = qweight
 
     def process(self, job: BlockJob) -> None:
-        linears = job.linears()
-        for group in self._groups(job):
-            if not group:
-                continue
-            job.progress(f"hessians of {', '.join(n.rsplit('.', 1)[-1] for n in group)}")
-            hessians = {n: HessianAccumulator(linears[n].in_features) for n in group}
-            job.observe_inputs(group, lambda name, x, h=hessians: h[name].add(x))
-            for name in group:
-                job.progress(f"quantizing {name.rsplit('.', 1)[-1]}")
-                linear = linears[name]
-                qweight = gptq_quantize(linear.weight, hessians[name].hessian,
-                                        self.spec_for(job.path(name)), self.options.damp,
-                                        self.options.block_size, self.options.act_order)
-                linear.weight.data = qweight.dequantize().to(linear.weight.device)
-                job.qweights[job.path(name)] = qweight
+        groups = self._groups(job)
+        if self.options.true_sequential:  # each group sees the groups before it quantized
+            for group in groups:
+                self._quantize_group(job, group, self._hessians(job, [group])[group[0]])
+            return
+        hessians = self._hessians(job, groups)
+        for group in groups:
+            self._quantize_group(job, group, hessians[group[0]])
 
 
 @register_pass

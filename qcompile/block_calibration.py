@@ -223,6 +223,16 @@ def _outputs(block, inputs: ActivationStore, kwargs, device, spill_dir, tag) -> 
     return out
 
 
+def _log_block(label: str, done: int, total: int, start: float) -> None:
+    """One line per block where the live bar cannot redraw (logs, CI)."""
+    if console.is_terminal:
+        return
+    elapsed = time.perf_counter() - start
+    left = elapsed / done * (total - done)
+    console.print(f"  {label}: block {done}/{total} done, {elapsed:.0f} s elapsed, "
+                  f"about {left:.0f} s left")
+
+
 def _record_float_changes(job: BlockJob, original: torch.nn.Module) -> None:
     """Float parameters the algorithm changed (AWQ's folded scales), by full name; the
     weights of quantized linears are reported as integer weights instead."""
@@ -288,6 +298,7 @@ def run_block_calibration(
                 inputs = next_inputs
                 del block, job
                 bar.advance(task)
+                _log_block(algorithm.label, index + 1, len(blocks), start)
     seconds = time.perf_counter() - start
     console.print(f"  {algorithm.label}: {len(qweights)} weights over {len(blocks)} blocks in "
                   f"{seconds:.1f} s")

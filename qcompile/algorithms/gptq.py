@@ -23,14 +23,19 @@ __all__ = ["HessianAccumulator", "gptq_quantize"]
 
 
 class HessianAccumulator:
-    """Running ``2/n * X^T X`` over ``[tokens, K]`` input batches, in float64 for stability."""
+    """Running ``2/n * X^T X`` over ``[tokens, K]`` input batches.
 
-    def __init__(self, in_features: int):
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
+    Accumulated in float32 on the inputs' device, as the reference code does (float64 costs
+    several times more on CPUs for no measurable change); :func:`gptq_quantize` factors it in
+    float64.
+    """
+
+    def __init__(self, in_features: int, device="cpu"):
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.hessian.device, torch.float32)
         total = self.count + x.shape[0]
         self.hessian *= self.count / total
         x = x * (2.0 / total) ** 0.5
@@ -70,7 +75,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
     """GPTQ codes for ``weight [N, K]`` given its input Hessian ``[K, K]``."""
     w = weight.detach().to("cpu", torch.float64).clone()
     n, k = w.shape
-    h = hessian.to(torch.float64).clone()
+    h = hessian.to("cpu", torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
