@@ -9,6 +9,12 @@ checked against. Weights arrive in the canonical packed layout of
   weight-only quantized ``x @ W.T + bias``; ``packed`` is ``[N, k_blocks, blob]`` uint8,
   ``zero_points`` the packed ``[N, ceil(k_blocks*cbits/8)]`` uint8 (or ``None``, symmetric).
   Maps 1:1 to ONNX Runtime's ``MatMulNBits``.
+* ``linear_wNa16_per_ic(x, packed, scales, zero_points, bias, bits, block_size, in_features)``:
+  the same with per-IC groups (AdaDim): ``block_size`` consecutive output rows of one input
+  column share a scale, so ``scales`` is ``[n_blocks, K]`` and ``zero_points`` the
+  ``[n_blocks, K]`` codes packed along K; ``packed`` is ``[N, 1, ceil(K*cbits/8)]``
+  (:func:`~qcompile.weight_format.pack_per_ic`; cbits 4 for 2/3/4-bit codes, 8 for 8-bit).
+  Lowers to ``DequantizeLinear`` blocked along N + ``MatMul`` (no contrib op has this layout).
 * ``embedding_wN(ids, packed, scales, zero_points, bits, block_size, embedding_dim)``: a
   quantized embedding table ``[V, D*cbits/8]``, each row packed like a weight row (the block
   size divides D). Maps to ``GatherBlockQuantized``.
@@ -21,11 +27,14 @@ import torch
 from qcompile.weight_format import (
     container_bits,
     dequantize_codes,
+    per_ic_container_bits,
     unpack_codes,
+    unpack_per_ic,
     unpack_zero_points,
 )
 
-__all__ = ["linear_wNa16", "embedding_wN", "dequantize_packed"]
+__all__ = ["linear_wNa16", "linear_wNa16_per_ic", "embedding_wN", "dequantize_packed",
+           "dequantize_packed_per_ic"]
 
 
 def dequantize_packed(packed, scales, zero_points, bits: int, block_size: int, k: int):
@@ -55,6 +64,35 @@ def linear_wNa16(
 
 @linear_wNa16.register_fake
 def _linear_wNa16_fake(x, packed, scales, zero_points, bias, bits, block_size, in_features):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def dequantize_packed_per_ic(packed, scales, zero_points, bits: int, block_size: int, k: int):
+    """Float ``[N, K]`` weight from the per-IC packed layout (groups along N)."""
+    codes, zeros = unpack_per_ic(packed, zero_points, bits, k)
+    zeros = None if zeros is None else zeros.T
+    weight = dequantize_codes(codes.T, scales.T, zeros, per_ic_container_bits(bits), block_size)
+    return weight.T.contiguous()
+
+
+@torch.library.custom_op("qcompile::linear_wNa16_per_ic", mutates_args=())
+def linear_wNa16_per_ic(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    weight = dequantize_packed_per_ic(packed, scales, zero_points, bits, block_size, in_features)
+    return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+
+
+@linear_wNa16_per_ic.register_fake
+def _linear_wNa16_per_ic_fake(x, packed, scales, zero_points, bias, bits, block_size,
+                              in_features):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 

@@ -13,6 +13,12 @@ are given.
 
 The *canonical packed layout* (DESIGN.md) is ORT ``MatMulNBits``'s: ``[N, k_blocks, blob]``
 uint8, packed along K, lowest bits first, the last block zero-padded.
+
+*Per-IC groups* (AdaDim, ``axis=0``): the groups run along N instead, so for each input column
+``j`` every ``group_size`` consecutive output rows share a scale and zero point; scales and
+zero points are ``[n_blocks, K]`` (ONNX's blocked convention: the weight's shape with the
+blocked axis divided). The codes stay ``[N, K]`` and pack along K like any other weight
+(:func:`pack_per_ic`); only the lowering transposes them for ``DequantizeLinear``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ __all__ = [
     "pack_zero_points",
     "unpack_zero_points",
     "dequantize_codes",
+    "per_ic_container_bits",
+    "pack_per_ic",
+    "unpack_per_ic",
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -41,6 +50,12 @@ def container_bits(bits: int) -> int:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported weight bit width {bits}; choose one of {SUPPORTED_BITS}")
     return {2: 2, 3: 4, 4: 4, 8: 8}[bits]
+
+
+def per_ic_container_bits(bits: int) -> int:
+    """The storage width of a per-IC code: a ``DequantizeLinear`` type of opset 21 (int4/uint4
+    for 2-, 3- and 4-bit codes, int8/uint8 for 8-bit; int2 needs opset 25)."""
+    return 8 if container_bits(bits) == 8 else 4
 
 
 def effective_group_size(group_size: int, in_features: int) -> int:
@@ -60,10 +75,12 @@ class QuantizedWeight:
 
     Attributes:
         codes: uint8 ``[N, K]`` unsigned container codes.
-        scales: float32 ``[N, k_blocks]``.
-        zeros: uint8 ``[N, k_blocks]`` zero points, or ``None`` when symmetric.
+        scales: float32 ``[N, k_blocks]`` (``[n_blocks, K]`` when ``axis == 0``).
+        zeros: uint8 zero points shaped like ``scales``, or ``None`` when symmetric.
         bits: code width (2, 3, 4 or 8).
-        group_size: block length along K (already made effective, see above).
+        group_size: block length along the grouped axis (already made effective, see above).
+        axis: the axis of ``[N, K]`` the groups run along: 1 (along K, per-OC groups, the
+            canonical ``MatMulNBits`` form) or 0 (along N, per-IC groups, AdaDim).
     """
 
     codes: torch.Tensor
@@ -71,6 +88,16 @@ class QuantizedWeight:
     zeros: torch.Tensor | None
     bits: int
     group_size: int
+    axis: int = 1
+
+    def __post_init__(self):
+        if self.axis not in (0, 1):
+            raise ValueError(f"QuantizedWeight.axis must be 1 (along K) or 0 (along N), "
+                             f"got {self.axis}")
+
+    @property
+    def per_ic(self) -> bool:
+        return self.axis == 0
 
     @property
     def container_bits(self) -> int:
@@ -82,6 +109,10 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The float ``[N, K]`` weight these codes stand for."""
+        if self.per_ic:
+            zeros = None if self.zeros is None else self.zeros.T
+            return dequantize_codes(self.codes.T, self.scales.T, zeros, self.container_bits,
+                                    self.group_size).T.contiguous()
         return dequantize_codes(
             self.codes, self.scales, self.zeros, self.container_bits, self.group_size
         )
@@ -89,6 +120,10 @@ class QuantizedWeight:
     def storage_bytes(self) -> int:
         """Bytes of packed codes, scales and packed zero points as exported."""
         n, k = self.codes.shape
+        if self.per_ic:  # [K, N] int4/int8 codes, [K, n_blocks] scales and zero points
+            cbits = per_ic_container_bits(self.bits)
+            zero_bytes = 0 if self.zeros is None else math.ceil(self.zeros.numel() * cbits / 8)
+            return math.ceil(n * k * cbits / 8) + self.scales.numel() * 4 + zero_bytes
         blocks = self.scales.shape[1]
         blob = self.group_size * self.container_bits // 8
         zero_bytes = 0 if self.zeros is None else n * math.ceil(blocks * self.container_bits / 8)
@@ -150,3 +185,37 @@ def pack_zero_points(zeros: torch.Tensor, cbits: int) -> torch.Tensor:
 
 def unpack_zero_points(packed: torch.Tensor, cbits: int, blocks: int) -> torch.Tensor:
     return _unpack_last_dim(packed, cbits, blocks)
+
+
+def _recentred(codes: torch.Tensor, symmetric: bool, from_bits: int, to_bits: int):
+    """Symmetric codes sit around the container's mid-point: move them to another container."""
+    if not symmetric or from_bits == to_bits:
+        return codes
+    shift = (1 << (to_bits - 1)) - (1 << (from_bits - 1))
+    return (codes.to(torch.int16) + shift).to(torch.uint8)
+
+
+def pack_per_ic(qweight: QuantizedWeight):
+    """A per-IC weight as the ``qcompile::linear_wNa16_per_ic`` operands.
+
+    Returns ``(packed, scales, zero_points)``: the ``[N, K]`` codes packed along K as one
+    ``[N, 1, ceil(K*cbits/8)]`` block per row (the canonical byte order), float32 scales
+    ``[n_blocks, K]`` and the zero points ``[n_blocks, K]`` packed along K (``None`` when
+    symmetric), all in the per-IC container (:func:`per_ic_container_bits`; symmetric 2-bit
+    codes are re-centred on that container's mid-point).
+    """
+    cbits = per_ic_container_bits(qweight.bits)
+    k = qweight.codes.shape[1]
+    codes = _recentred(qweight.codes, qweight.symmetric, qweight.container_bits, cbits)
+    packed = pack_codes(codes, cbits, k)
+    zeros = None if qweight.zeros is None else pack_zero_points(qweight.zeros, cbits)
+    return packed, qweight.scales.to(torch.float32).contiguous(), zeros
+
+
+def unpack_per_ic(packed, zero_points, bits: int, k: int):
+    """Inverse of :func:`pack_per_ic`: ``(codes [N, K], zeros [n_blocks, K] or None)`` in the
+    per-IC container."""
+    cbits = per_ic_container_bits(bits)
+    codes = unpack_codes(packed, cbits, k)
+    zeros = None if zero_points is None else unpack_zero_points(zero_points, cbits, k)
+    return codes, zeros

@@ -3,7 +3,8 @@
 Shared by the RTN pass and (later) the calibrated algorithms, which all must end in the same
 :class:`~qcompile.weight_format.QuantizedWeight`. Groups run along K (the input dimension);
 a last group shorter than ``group_size`` (K = 576 with groups of 128) is quantized on its own
-values only.
+values only. :func:`quantize_weight_per_ic` groups along N instead (AdaDim's per-IC groups):
+the same rounding applied to the transposed weight.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from qcompile.weight_format import (
     effective_group_size,
 )
 
-__all__ = ["WeightQuantSpec", "quantize_weight", "fit_group_params"]
+__all__ = ["WeightQuantSpec", "quantize_weight", "quantize_weight_per_ic",
+           "fit_group_params"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,3 +147,12 @@ def quantize_weight(weight: torch.Tensor, spec: WeightQuantSpec) -> QuantizedWei
     codes = codes.reshape(n, -1)[:, :k].to(torch.uint8)
     zeros = None if spec.symmetric else zero.to(torch.uint8)
     return QuantizedWeight(codes, scale.to(torch.float32), zeros, spec.bits, group)
+
+
+def quantize_weight_per_ic(weight: torch.Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
+    """Round-to-nearest codes for ``[N, K]`` with groups of ``spec.group_size`` output rows
+    per input column (``axis=0``; ``group_size`` 0: one group per whole column)."""
+    transposed = quantize_weight(weight.T, spec)
+    zeros = None if transposed.zeros is None else transposed.zeros.T.contiguous()
+    return QuantizedWeight(transposed.codes.T.contiguous(), transposed.scales.T.contiguous(),
+                           zeros, spec.bits, transposed.group_size, axis=0)
