@@ -3,6 +3,7 @@
 Does the following transformation (the *lowered quant ops* stage of the parity ladder)::
 
     linear(x, W_fq, b)       ->  qcompile::linear_wNa16(x, packed, scales, zero_points, b, ...)
+    linear(x, W_fq, b)       ->  qcompile::linear_wNa16_per_ic(x, ...)   (per-IC groups, AdaDim)
     embedding(E_fq, ids)     ->  qcompile::embedding_wN(ids, packed, scales, zero_points, ...)
 
 using the integer form recorded by a quantization pass in ``node.meta["qcompile.qweight"]``,
@@ -17,13 +18,15 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile.fx_utils import drop_unused_tensors, module_path, set_buffer
 from qcompile.pass_infra import QPass, register_pass
-from qcompile.weight_format import QuantizedWeight, pack_codes, pack_zero_points
+from qcompile.weight_format import QuantizedWeight, pack_codes, pack_per_ic, pack_zero_points
 from qcompile.passes.quantize_weights_rtn import QWEIGHT_META
 
 __all__ = ["PackWeights"]
 
 
 def _packed_tensors(qweight: QuantizedWeight, flat_rows: bool):
+    if qweight.per_ic:
+        return pack_per_ic(qweight)
     cbits = qweight.container_bits
     packed = pack_codes(qweight.codes, cbits, qweight.group_size)
     if flat_rows:
@@ -62,6 +65,8 @@ class PackWeights(QPass):
     def _lower(self, gm, node: torch.fx.Node, qweight: QuantizedWeight) -> None:
         path = module_path(node)
         is_embedding = node.target == torch.ops.aten.embedding.default
+        if is_embedding and qweight.per_ic:
+            raise ValueError(f"{path}: per-IC groups are for linear weights, not embeddings")
         packed, scales, zeros = self._attrs(
             gm, node, path, _packed_tensors(qweight, flat_rows=is_embedding)
         )
@@ -74,7 +79,9 @@ class PackWeights(QPass):
                 bias = node.args[2] if len(node.args) > 2 else None
                 args = (node.args[0], packed, scales, zeros, bias, qweight.bits,
                         qweight.group_size, k)
-                new = gm.graph.call_function(torch.ops.qcompile.linear_wNa16.default, args)
+                op = torch.ops.qcompile.linear_wNa16_per_ic if qweight.per_ic \
+                    else torch.ops.qcompile.linear_wNa16
+                new = gm.graph.call_function(op.default, args)
         new.meta = {k2: v for k2, v in node.meta.items() if k2 != QWEIGHT_META}
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

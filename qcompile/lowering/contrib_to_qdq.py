@@ -10,6 +10,9 @@ Does the following transformation on an onnx-ir model, reading the constant pack
 (``block_size``) or per-axis along axis 1 (one block covering K: per-channel). The DQ feeds
 MatMul's second input directly, which is the shape ONNX Runtime's ``DQMatMulToMatMulNBits``
 fusion looks for. Symmetric weights become signed types with no zero point.
+
+Both entry points also lower per-IC linears (:mod:`qcompile.lowering.per_ic`), which have no
+contrib form on either target.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import onnx_ir as ir
 import torch
 
 from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN
+from qcompile.lowering.per_ic import per_ic_to_qdq
 from qcompile.weight_format import unpack_codes, unpack_zero_points
 
 __all__ = ["contrib_to_qdq", "padded_per_channel_to_qdq"]
@@ -120,7 +124,9 @@ def _lower_gather_block_quantized(graph: ir.Graph, node: ir.Node) -> None:
 
 
 def contrib_to_qdq(model: ir.Model) -> ir.Model:
-    """Replace every MatMulNBits / GatherBlockQuantized in ``model`` by standard ops."""
+    """Replace every MatMulNBits / GatherBlockQuantized (and per-IC linear) in ``model`` by
+    standard ops."""
+    model = per_ic_to_qdq(model)
     for node in list(model.graph):
         if node.domain != MICROSOFT_DOMAIN:
             continue
@@ -147,7 +153,9 @@ def _is_padded_per_channel(node: ir.Node) -> bool:
 def padded_per_channel_to_qdq(model: ir.Model) -> ir.Model:
     """Per-channel MatMulNBits whose one block is zero-padded past K (K = 576 -> 1024) to
     per-axis DQ + MatMul: the file stores exactly K codes per row, and ONNX Runtime fuses the
-    pair back into MatMulNBits when the session is created."""
+    pair back into MatMulNBits when the session is created. Per-IC linears become
+    DequantizeLinear + MatMul too (the ``ort`` target's post-export step)."""
+    model = per_ic_to_qdq(model)
     for node in list(model.graph):
         if node.domain == MICROSOFT_DOMAIN and _is_padded_per_channel(node):
             _lower_matmul_nbits(model.graph, node)

@@ -8,6 +8,11 @@
 which ONNX Runtime fuses into MatMulNBits at load time, instead of zero-padding its one block.)
 | onnx-qdq | 3/4/8-bit (int4/uint4, int8/uint8) | 8-bit              | DequantizeLinear + MatMul / Gather |
 
+Per-IC linear weights (AdaDim, groups along N) lower to DequantizeLinear (blocked on the N axis
+of MatMul's ``[K, N]``) + MatMul on both targets: ``MatMulNBits`` cannot express them. Their
+codes use an opset-21 container, int4/uint4 for 2/3/4-bit codes (a 2-bit per-IC layer costs 4
+bits a weight) and int8/uint8 for 8-bit.
+
 A request the target cannot represent is refused before the model is loaded, naming the fix.
 """
 
@@ -54,8 +59,9 @@ class Target:
 
     def translation_table(self, accuracy_level: int) -> dict[object, Callable]:
         from qcompile.lowering.ort_table import ort_translation_table
+        from qcompile.lowering.per_ic import per_ic_translation_table
 
-        return ort_translation_table(accuracy_level)
+        return {**ort_translation_table(accuracy_level), **per_ic_translation_table()}
 
 
 def _bits(bits: tuple[int, ...]) -> str:
