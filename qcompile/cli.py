@@ -138,20 +138,25 @@ def eval_(bundle, text, windows, seq_len, source, reference) -> None:
 @cli.command()
 @click.argument("fp32_bundle", type=click.Path(path_type=pathlib.Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=pathlib.Path))
-@click.option("--algo", default="rtn", show_default=True, type=click.Choice(["rtn", "hqq"]))
-@click.option("--bits", default=4, show_default=True, type=click.Choice(["4", "8"]))
+@click.option("--algo", default="rtn", show_default=True,
+              type=click.Choice(["rtn", "hqq", "gptq"]))
+@click.option("--bits", default="4", show_default=True, type=click.Choice(["2", "3", "4", "8"]))
 @click.option("--block-size", default=128, show_default=True, type=int)
 @click.option("--symmetric", is_flag=True)
 @click.option("--lm-head-bits", default="8", show_default=True, type=click.Choice(["8", "4",
               "float"]), help="how the lm_head is quantized (ours: 8-bit per channel)")
+@click.option("--samples", default=128, show_default=True, type=click.IntRange(1),
+              help="gptq: calibration windows (the same default text as ours)")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(8))
 @click.option("--force", is_flag=True)
-def peer(fp32_bundle, output, algo, bits, block_size, symmetric, lm_head_bits, force) -> None:
+def peer(fp32_bundle, output, algo, bits, block_size, symmetric, lm_head_bits, samples, seq_len,
+         force) -> None:
     """Quantize an fp32 bundle with ONNX Runtime's matmul_nbits_quantizer (peer baseline)."""
     from qcompile.runtimes.peer_ort_quantizer import quantize_with_ort
 
     head = None if lm_head_bits == "float" else int(lm_head_bits)
     report = quantize_with_ort(fp32_bundle, output, algo, int(bits), block_size, symmetric,
-                               head, force)
+                               head, force, samples, seq_len)
     console.print(f"[bold green]peer bundle[/bold green] {output}: "
                   f"{report['sizes']['model_bytes']:,} model bytes ({report['recipe']['name']})")
 

@@ -21,7 +21,7 @@ from qcompile.lowering.export_onnx import DATA_FILE, MODEL_FILE
 
 __all__ = ["quantize_with_ort", "ALGORITHMS"]
 
-ALGORITHMS = ("rtn", "hqq")
+ALGORITHMS = ("rtn", "hqq", "gptq")
 
 
 def _lm_head_node(model: onnx.ModelProto) -> str:
@@ -55,8 +55,30 @@ def _materialize_lm_head_weight(model: onnx.ModelProto, lm_head: str) -> None:
         model.graph.node.remove(producer)
 
 
+class _TokenWindows:
+    """ORT's ``CalibrationDataReader`` over our calibration windows: one window per feed, with
+    the empty past the first decoder step takes (copied by ORT's GPTQ, so plain iteration)."""
+
+    def __init__(self, model: onnx.ModelProto, windows):
+        import numpy as np
+
+        from qcompile.runtimes.onnx_reference_runner import _empty_cache
+
+        past = _empty_cache(model.graph, 1)
+        self._feeds = [{"input_ids": w.reshape(1, -1).numpy().astype(np.int64),
+                        "attention_mask": np.ones((1, w.numel()), dtype=np.int64), **past}
+                       for w in windows]
+        self._next = iter(self._feeds)
+
+    def get_next(self):
+        return next(self._next, None)
+
+    def __iter__(self):
+        return iter(self._feeds)
+
+
 def _quantize(model, algo: str, bits: int, block_size: int, symmetric: bool,
-              include=None, exclude=None, per_channel=False) -> onnx.ModelProto:
+              include=None, exclude=None, per_channel=False, windows=None) -> onnx.ModelProto:
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     from onnxruntime.quantization import QuantFormat
@@ -65,6 +87,12 @@ def _quantize(model, algo: str, bits: int, block_size: int, symmetric: bool,
     fmt = QuantFormat.QDQ if per_channel else QuantFormat.QOperator
     if algo == "hqq":
         config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
+    elif algo == "gptq":
+        # ORT's GPTQ (from Intel Neural Compressor): not sequential; it reruns the float model
+        # over every calibration window once per distinct MatMul input
+        config = mnq.GPTQWeightOnlyQuantConfig(_TokenWindows(model, windows), percdamp=0.01,
+                                               block_size=128, actorder=False,
+                                               perchannel=False)
     else:
         config = mnq.DefaultWeightOnlyQuantConfig(
             block_size=block_size, is_symmetric=symmetric, bits=bits, quant_format=fmt,
@@ -76,10 +104,24 @@ def _quantize(model, algo: str, bits: int, block_size: int, symmetric: bool,
     return quantizer.model.model
 
 
+def _calibration_windows(fp32_bundle: pathlib.Path, samples: int, seq_len: int):
+    from transformers import AutoTokenizer
+
+    from qcompile.calibration_data import CalibrationOptions, calibration_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(fp32_bundle)
+    return calibration_samples(CalibrationOptions(samples=samples, seq_len=seq_len),
+                               tokenizer, tokenizer.vocab_size)
+
+
 def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
                       block_size: int = 128, symmetric: bool = False,
-                      lm_head_bits: int | None = 8, force: bool = False) -> dict:
-    """Quantize ``fp32_bundle``'s model with ORT's quantizer into the bundle ``out_dir``."""
+                      lm_head_bits: int | None = 8, force: bool = False,
+                      samples: int = 128, seq_len: int = 512) -> dict:
+    """Quantize ``fp32_bundle``'s model with ORT's quantizer into the bundle ``out_dir``.
+
+    ``gptq`` calibrates on the same windows of the default text our calibrated passes use
+    (``samples`` x ``seq_len`` tokens)."""
     if algo not in ALGORITHMS:
         raise QcompileError(f"unknown ORT algorithm {algo!r}", f"choose {', '.join(ALGORITHMS)}")
     fp32_bundle, out_dir = pathlib.Path(fp32_bundle), pathlib.Path(out_dir)
@@ -90,7 +132,19 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
     model = onnx.load(str(fp32_bundle / MODEL_FILE))
     lm_head = _lm_head_node(model)
     _materialize_lm_head_weight(model, lm_head)
-    model = _quantize(model, algo, bits, block_size, symmetric, exclude=[lm_head])
+    windows = _calibration_windows(fp32_bundle, samples, seq_len) if algo == "gptq" else None
+    try:
+        model = _quantize(model, algo, bits, block_size, symmetric, exclude=[lm_head],
+                          windows=windows)
+    except ValueError as exc:
+        if algo != "gptq" or symmetric:
+            raise
+        # onnxruntime 1.32's GPTQ packs zero points two per byte over the whole matrix and
+        # then reshapes per row, which fails when a row has an odd number of blocks
+        raise QcompileError(f"ORT's GPTQ failed to pack asymmetric zero points ({exc})",
+                            "it cannot when in_features / block_size is odd (576 / 128 on "
+                            "SmolLM2); use --symmetric or a block size giving an even count"
+                            ) from exc
     if lm_head_bits is not None:
         # ORT's quantizer does 8 bits only as MatMulNBits (QOperator) and per-channel only as
         # QDQ, so its lm_head gets 8-bit blocks of 128: finer than our per-channel, never worse
