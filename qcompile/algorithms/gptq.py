@@ -66,14 +66,18 @@ def _group_params(columns: torch.Tensor, spec: WeightQuantSpec):
         zero = torch.full_like(fitted.scales[:, 0], float(1 << (container_bits(spec.bits) - 1)))
     else:
         zero = fitted.zeros[:, 0].to(torch.float32)
-    return fitted.scales[:, 0].to(torch.float64), zero.to(torch.float64)
+    return fitted.scales[:, 0], zero
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuantSpec,
                   damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False) -> QuantizedWeight:
-    """GPTQ codes for ``weight [N, K]`` given its input Hessian ``[K, K]``."""
-    w = weight.detach().to("cpu", torch.float64).clone()
+    """GPTQ codes for ``weight [N, K]`` given its input Hessian ``[K, K]``.
+
+    The Hessian is factored in float64; the column loop runs in float32 (as the reference
+    code) and single-threaded: it is thousands of small ops, to which intra-op threads only add
+    synchronisation (and stall badly on a busy machine)."""
+    w = weight.detach().to("cpu", torch.float32).clone()
     n, k = w.shape
     h = hessian.to("cpu", torch.float64).clone()
     dead = torch.diag(h) == 0
@@ -81,8 +85,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
     w[:, dead] = 0.0
     group = effective_group_size(spec.group_size, k)
     blocks = -(-k // group)
-    scales = torch.zeros(n, blocks, dtype=torch.float64)
-    zeros = torch.zeros(n, blocks, dtype=torch.float64)
+    scales = torch.zeros(n, blocks)
+    zeros = torch.zeros(n, blocks)
     static = act_order or group >= k
     if static:
         for g in range(blocks):
@@ -90,27 +94,46 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
     order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order \
         else torch.arange(k)
     w, h = w[:, order], h[order][:, order]
-    factor = _inverse_hessian_factor(h, damp)
+    factor = _inverse_hessian_factor(h, damp).to(torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        codes = _column_loop(w, factor, order, scales, zeros, spec, group, block_size, static)
+    finally:
+        torch.set_num_threads(threads)
+    zero_codes = None if spec.symmetric else zeros.to(torch.uint8)
+    return QuantizedWeight(codes.to(torch.uint8), scales, zero_codes, spec.bits, group)
+
+
+def _column_loop(w, factor, order, scales, zeros, spec, group: int, block_size: int,
+                 static: bool) -> torch.Tensor:
+    """Quantize columns in ``order``, spreading each one's error over the rest (lazy blocks);
+    fills ``scales``/``zeros`` of dynamic groups as they are reached; returns the codes.
+
+    Works on ``W^T`` so that each column is a contiguous row."""
+    n, k = w.shape
     lo, hi = _code_limits(spec.bits, spec.symmetric)
-    codes = torch.zeros(n, k, dtype=torch.float64)
+    wt = w.T.contiguous()
+    codes = torch.zeros(k, n)
+    scales_t, zeros_t = scales.T.contiguous(), zeros.T.contiguous()
     step = block_size if static or block_size % group == 0 else group
     for start in range(0, k, step):
         end = min(start + step, k)
-        w_block = w[:, start:end].clone()
-        errors = torch.zeros_like(w_block)
+        block = wt[start:end].clone()
+        errors = torch.zeros_like(block)
         f_block = factor[start:end, start:end]
         for i in range(end - start):
             column = int(order[start + i])
             g = column // group
             if not static and column % group == 0:
-                scales[:, g], zeros[:, g] = _group_params(w_block[:, i:i + group], spec)
-            q = torch.clamp(torch.round(w_block[:, i] / scales[:, g]) + zeros[:, g], lo, hi)
-            codes[:, column] = q
-            dequant = (q - zeros[:, g]) * scales[:, g]
-            err = (w_block[:, i] - dequant) / f_block[i, i]
-            w_block[:, i:] -= err.unsqueeze(1) * f_block[i, i:].unsqueeze(0)
-            errors[:, i] = err
-        w[:, end:] -= errors @ factor[start:end, end:]
-    zero_codes = None if spec.symmetric else zeros.to(torch.uint8)
-    return QuantizedWeight(codes.to(torch.uint8), scales.to(torch.float32), zero_codes,
-                           spec.bits, group)
+                scales_t[g], zeros_t[g] = _group_params(block[i:i + group].T, spec)
+            scale, zero = scales_t[g], zeros_t[g]
+            q = torch.clamp(torch.round(block[i] / scale) + zero, lo, hi)
+            codes[column] = q
+            err = (block[i] - (q - zero) * scale) / f_block[i, i]
+            block[i:].addr_(f_block[i, i:], err, alpha=-1.0)
+            errors[i] = err
+        wt[end:] -= factor[start:end, end:].T @ errors
+    scales.copy_(scales_t.T)
+    zeros.copy_(zeros_t.T)
+    return codes.T
