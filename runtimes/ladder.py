@@ -19,6 +19,7 @@ from qcompile.compiler import Stages, build_stages, group_query_attention_of_rep
 from qcompile.console import step
 from qcompile.errors import QcompileError
 from qcompile.lowering.export_onnx import MODEL_FILE
+from qcompile.lowering.pack_matmul_nbits import packed_members
 from qcompile.models import load_model
 from qcompile.recipes import recipe_of_report
 from qcompile.runtimes import layer_taps
@@ -155,6 +156,7 @@ def check_codes(final: torch.nn.Module, model_path: pathlib.Path) -> dict:
     """Every exported integer weight equals the torch stage's codes exactly."""
     proto = onnx.load(str(model_path))
     initializers = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    initializers.update(_unpacked_weights(proto, initializers))
     checked, mismatched = 0, []
     for name, packed in final.named_buffers():
         if not name.endswith(".qweight"):
@@ -168,6 +170,18 @@ def check_codes(final: torch.nn.Module, model_path: pathlib.Path) -> dict:
         if not same:
             mismatched.append(path)
     return {"weights_checked": checked, "mismatched": mismatched}
+
+
+def _unpacked_weights(proto: onnx.ModelProto, initializers: dict) -> dict:
+    """Each member's ``qweight`` rows of the packed sibling ``MatMulNBits`` (ort target)."""
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    rows: dict[str, np.ndarray] = {}
+    for packed, members in packed_members(metadata).items():
+        start = 0
+        for member, count in members:
+            rows[f"{member}.qweight"] = initializers[packed][start:start + count]
+            start += count
+    return rows
 
 
 def _exported_codes_equal(initializers: dict, path: str, packed: torch.Tensor) -> bool | None:

@@ -173,13 +173,58 @@ def test_bundle_has_group_query_attention_and_passes_verify(gqa_bundle):
     assert not any("MultiHeadAttention" in op or "Expand" == op for op in ops)
     assert report["graph"]["fusions"]["GroupQueryAttention"] == 2
     assert report["graph"]["attention"] == {"kind": "group_query_attention"}
+    # per layer: q/k/v packed into one MatMulNBits feeding GQA, gate/up packed + Split, o, down
+    assert ops["com.microsoft::MatMulNBits"] == 2 * 4 + 1 and ops["Split"] == 2
+    assert report["graph"]["fusions"]["packed_matmul_nbits"] == 4
     node = next(n for n in onnx.load(str(out / "model.onnx")).graph.node
                 if n.op_type == "GroupQueryAttention")
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert attributes["do_rotary"] == 1 and attributes["kv_num_heads"] == KV_HEADS
+    assert list(node.input[1:3]) == ["", ""]  # packed qkv in the query input
     summary = verify_bundle(out)
     assert summary["passed"], json.dumps(summary, indent=1)
     assert summary["decode"]["tokens_equal"]
+    assert summary["integer_codes"] == {"weights_checked": 2 * 7 + 2, "mismatched": []}
+
+
+def _matmul_nbits_pair_model() -> onnx.ModelProto:
+    """``x -> MatMulNBits(Wa), MatMulNBits(Wb) -> outputs a, b`` (uint4, blocks of 16)."""
+    rng = np.random.default_rng(0)
+    k, rows = 32, {"a": 24, "b": 8}
+    inits, nodes = [], []
+    for name, n in rows.items():
+        inits += [onnx.numpy_helper.from_array(rng.integers(0, 256, (n, 2, 8), dtype=np.uint8),
+                                               f"{name}.qweight"),
+                  onnx.numpy_helper.from_array(rng.random((n, 2), dtype=np.float32),
+                                               f"{name}.scales"),
+                  onnx.numpy_helper.from_array(rng.integers(0, 256, (n, 1), dtype=np.uint8),
+                                               f"{name}.zero_points")]
+        nodes.append(helper.make_node(
+            "MatMulNBits", ["x", f"{name}.qweight", f"{name}.scales", f"{name}.zero_points"],
+            [name], domain="com.microsoft", K=k, N=n, bits=4, block_size=16))
+    graph = helper.make_graph(
+        nodes, "pair", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, k])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in rows], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_packing_sibling_matmuls_keeps_outputs():
+    import onnx_ir as ir
+
+    from qcompile.lowering.pack_matmul_nbits import pack_sibling_matmuls, packed_members
+
+    proto = _matmul_nbits_pair_model()
+    packed, count = pack_sibling_matmuls(ir.from_proto(proto))
+    packed_proto = ir.to_proto(packed)
+    ops = [n.op_type for n in packed_proto.graph.node]
+    assert count == 1 and ops == ["MatMulNBits", "Split"]
+    assert packed_members(packed.metadata_props) == {"a+b.qweight": [["a", 24], ["b", 8]]}
+    x = {"x": np.random.default_rng(1).random((1, 3, 32), dtype=np.float32)}
+    before = ort.InferenceSession(proto.SerializeToString()).run(None, x)
+    after = ort.InferenceSession(packed_proto.SerializeToString()).run(None, x)
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_genai_generates_the_own_loops_tokens(gqa_bundle):

@@ -21,6 +21,7 @@ import torch
 from qcompile.capture import ExportSignature
 from qcompile.lowering.contrib_to_qdq import contrib_to_qdq, padded_per_channel_to_qdq
 from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
+from qcompile.lowering.pack_matmul_nbits import pack_sibling_matmuls
 from qcompile.lowering.targets import Target
 
 __all__ = ["export_onnx", "MODEL_FILE", "DATA_FILE", "OPSET"]
@@ -109,6 +110,9 @@ def export_onnx(
     attention = op_counts(model).get("com.microsoft::GroupQueryAttention", 0)
     if attention:
         fusions = {"GroupQueryAttention": attention, **fusions}
+    if target.fuse:
+        model, packs = pack_sibling_matmuls(model)
+        fusions.update({"packed_matmul_nbits": packs} if packs else {})
     model = _cleanup(model)
     model.producer_name = "qcompile"
     path = out_dir / MODEL_FILE
