@@ -7,6 +7,10 @@ act-order and static groups; per-IC: :func:`~qcompile.algorithms.adadim.gptq_qua
 true-sequential like ``gptq``. Per-OC layers export as ``MatMulNBits`` (``ort``), per-IC layers
 as DequantizeLinear blocked along N + MatMul (:mod:`qcompile.lowering.per_ic`).
 
+The comparison runs the attention / MLP module once per candidate and calibration batch, so it
+uses the first batches holding ``selection_tokens`` tokens (4096 by default, like AWQ's search;
+the paper uses every calibration token: ``selection_tokens: 0``).
+
 ``report.json`` records each layer's choice (``"adadim": "oc" | "ic"``) and the comparison
 errors of the candidates (``"adadim_mse"``).
 """
@@ -43,6 +47,9 @@ def _validate_adadim(options, where: str) -> None:
             or not set(candidates) <= set(DIMS):
         raise QcompileError(f"{where}.candidates = {list(candidates)} is not valid",
                             "a non-empty list of distinct dimensions from [oc, ic]")
+    if options.selection_tokens < 0:
+        raise QcompileError(f"{where}.selection_tokens must be >= 0",
+                            "0 compares on every calibration token; 4096 is the default")
     if options.scope not in _SCOPES:
         raise QcompileError(f"{where}.scope = {options.scope!r} is not valid",
                             "module (the paper: q/k/v judged on the attention output, gate/up "
@@ -57,6 +64,8 @@ class AdaDimOptions(CalibratedOptions):
     candidates: tuple = DIMS
     #: "module" (the paper's rule) or "linear" (each linear's own output; cheaper)
     scope: str = "module"
+    #: calibration tokens module outputs are compared on (whole batches; 0: all of them)
+    selection_tokens: int = 4096
 
     def __post_init__(self):
         _normalise(self)
@@ -72,6 +81,7 @@ class AdaDimGPTQOptions(GPTQOptions):
 
     candidates: tuple = DIMS
     scope: str = "module"
+    selection_tokens: int = 4096
 
     def __post_init__(self):
         _normalise(self)
@@ -123,7 +133,8 @@ class AdaDimBlocks(BlockAlgorithm):
         probe = None
         if len(self.options.candidates) > 1 and names:
             job.progress("capturing comparison inputs")
-            probe = OutputErrorProbe(job, names, self.options.scope)
+            probe = OutputErrorProbe(job, names, self.options.scope,
+                                     selection_tokens=self.options.selection_tokens)
         for name in names:
             job.progress(f"choosing {name.rsplit('.', 1)[-1]}")
             rtn = self.rtn_candidates(job, name)
@@ -151,7 +162,8 @@ class AdaDimGPTQBlocks(AdaDimBlocks):
         linears = job.linears()
         for group in self._groups(job):
             job.progress(f"hessians of {', '.join(n.rsplit('.', 1)[-1] for n in group)}")
-            probe = OutputErrorProbe(job, group, self.options.scope, extra_hessians=group)
+            probe = OutputErrorProbe(job, group, self.options.scope, extra_hessians=group,
+                                     selection_tokens=self.options.selection_tokens)
             for name in group:
                 job.progress(f"quantizing {name.rsplit('.', 1)[-1]}")
                 dim = self.choose(job, probe, name, self.rtn_candidates(job, name))

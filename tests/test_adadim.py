@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -92,6 +93,73 @@ def test_pack_per_ic_round_trip_and_reference_op(bits, symmetric):
                                torch.nn.functional.linear(x, q.dequantize(), bias))
 
 
+class _PerICLinear(torch.nn.Module):
+    def __init__(self, q, bias):
+        super().__init__()
+        packed, scales, zeros = pack_per_ic(q)
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zero_points", zeros)
+        self.register_buffer("bias", bias)
+        self.bits, self.group, self.k = q.bits, q.group_size, q.codes.shape[1]
+
+    def forward(self, x):
+        return torch.ops.qcompile.linear_wNa16_per_ic(
+            x, self.qweight, self.scales, self.zero_points, self.bias, self.bits, self.group,
+            self.k)
+
+
+class _ThreePerICLinears(torch.nn.Module):
+    """int4 asymmetric and int2 symmetric with groups of 16 (N = 40: a partial last group),
+    int8 per-channel (one group per column: per-axis)."""
+
+    CASES = ((4, 16, False), (2, 16, True), (8, 0, False))
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(9)
+        self.linears = torch.nn.ModuleList(
+            _PerICLinear(quantize_weight_per_ic(torch.randn(40, 24, generator=g),
+                                                WeightQuantSpec(bits, group, symmetric)),
+                         torch.randn(40, generator=g))
+            for bits, group, symmetric in self.CASES)
+
+    def forward(self, x):
+        return tuple(linear(x) for linear in self.linears)
+
+
+def test_per_ic_onnx_runs_in_ort_and_the_reference(tmp_path):
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    from qcompile.lowering.export_onnx import OPSET
+    from qcompile.lowering.per_ic import per_ic_to_qdq, per_ic_translation_table
+
+    module, x = _ThreePerICLinears(), torch.randn(3, 24, generator=torch.Generator().manual_seed(1))
+    program = torch.onnx.export(torch.export.export(module, (x,)), dynamo=True,
+                                opset_version=OPSET, optimize=False,
+                                custom_translation_table=per_ic_translation_table())
+    ir.save(per_ic_to_qdq(program.model), tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert not any(n.domain for n in proto.graph.node)
+    dq = [{a.name: a.i for a in n.attribute} for n in proto.graph.node
+          if n.op_type == "DequantizeLinear"]
+    assert dq == [{"axis": 1, "block_size": 16}, {"axis": 1, "block_size": 16}, {"axis": 0}]
+    expected = [y.numpy() for y in module(x)]
+    feed = {proto.graph.input[0].name: x.numpy()}
+    runs = [ReferenceEvaluator(str(tmp_path / "m.onnx")).run(None, feed)]
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        runs.append(ort.InferenceSession(str(tmp_path / "m.onnx"), options,
+                                         providers=["CPUExecutionProvider"]).run(None, feed))
+    for outputs in runs:
+        for got, want in zip(outputs, expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 # --- which dimension errs less ---------------------------------------------------------------
 
 def test_outlier_input_channel_favours_per_ic_and_amplified_output_row_per_oc():
@@ -168,6 +236,9 @@ def test_probe_scopes_and_module_error_matches_direct_computation():
     x = torch.cat([t.reshape(-1, 64) for t in xs])
     direct = _output_mse(x.double(), down.double(), candidate.double())
     assert probe.errors("mlp.down", {"ic": candidate})["ic"] == pytest.approx(direct, rel=1e-6)
+    # the module comparison keeps whole batches up to selection_tokens
+    assert len(OutputErrorProbe(job, ["mlp.gate"], selection_tokens=64)._inputs["mlp"]) == 1
+    assert len(probe._inputs["mlp"]) == 2
     # linears reading the same tensor share one Hessian
     shared = OutputErrorProbe(job, ["mlp.gate", "mlp.up"], extra_hessians=["mlp.gate", "mlp.up"])
     assert shared.hessian("mlp.gate") is shared.hessian("mlp.up")

@@ -109,15 +109,19 @@ class OutputErrorProbe:
     output, through its input Hessian ``H = 2/n X^T X``:
     ``mean((x dW^T)^2) = tr(dW H dW^T) / (2 N)``.
 
+    Module outputs cost a forward of the module per candidate and batch, so only the first
+    batches holding ``selection_tokens`` tokens are kept for them (0: all); Hessians always see
+    every batch.
+
     Attributes:
         scopes: linear name -> the parent module judged on, or ``None`` (its own output).
     """
 
     def __init__(self, job: BlockJob, names: Iterable[str], scope: str = "module",
-                 extra_hessians: Iterable[str] = ()):
+                 extra_hessians: Iterable[str] = (), selection_tokens: int = 0):
         """Capture for ``names``; Hessians for own-output linears and ``extra_hessians`` (one
         per shared input: q/k/v share one, gate/up another)."""
-        self.job = job
+        self.job, self.selection_tokens = job, selection_tokens
         self.modules = dict(job.block.named_modules())
         self.scopes: dict[str, str | None] = {}
         self._hessians: dict[str, HessianAccumulator] = {}
@@ -142,10 +146,12 @@ class OutputErrorProbe:
     def _capture(self, names: list[str], parents: dict[str, str], extra: set[str]) -> None:
         latest: dict[str, torch.Tensor] = {}
         seen: dict[str, torch.Tensor] = {}
+        keep, tokens = [True], 0  # whether this batch's module inputs are kept
 
         def parent_hook(module, args, kwargs, parent):
             latest[parent] = _first_input(args, kwargs)
-            self._inputs[parent].append(_to((args, kwargs), "cpu"))
+            if keep[0]:
+                self._inputs[parent].append(_to((args, kwargs), "cpu"))
 
         def linear_hook(module, args, name):
             x = args[0]
@@ -163,6 +169,8 @@ class OutputErrorProbe:
         try:
             for batch in range(len(self.job.inputs)):
                 seen.clear()
+                keep[0] = not self.selection_tokens or tokens < self.selection_tokens
+                tokens += self.job.inputs[batch].shape[:-1].numel()
                 self.job.forward(batch)
         finally:
             for hook in hooks:
