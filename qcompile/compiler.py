@@ -162,7 +162,7 @@ def compile_bundle(
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         write_genai_config(tmp, loaded.config, loaded.model_type, stages.context.signature,
-                           loaded.tokenizer)
+                           loaded.tokenizer, share_buffer=attention["kind"] == GQA)
         timings["compile_s"] = round(time.perf_counter() - start, 3)
         report = _report(loaded, recipe, target, stages, accuracy_level, timings, tmp)
         report["graph"] = {"attention": attention, **graph}

@@ -38,8 +38,16 @@ def _context_length(config) -> int:
     return 2048
 
 
-def genai_config(config, model_type: str, signature: ExportSignature, tokenizer=None) -> dict:
-    """The ``genai_config.json`` content for a bundle exported with ``signature``."""
+def genai_config(config, model_type: str, signature: ExportSignature, tokenizer=None,
+                 share_buffer: bool = False) -> dict:
+    """The ``genai_config.json`` content for a bundle exported with ``signature``.
+
+    ``share_buffer`` (graphs whose attention is ``GroupQueryAttention``): genai binds one
+    max-length buffer per cache tensor as both past and present, and the op writes the new
+    positions in place instead of copying the whole cache every step. Graphs that concatenate
+    past and new keys need separate buffers. qcompile's own loop feeds present -> past either
+    way (the op accepts both forms).
+    """
     cache = signature.cache
     eos = _token_id(config, tokenizer, "eos_token_id", 0)
     context = _context_length(config)
@@ -71,16 +79,16 @@ def genai_config(config, model_type: str, signature: ExportSignature, tokenizer=
         "search": {
             "do_sample": False, "early_stopping": True, "max_length": context,
             "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
-            # our graphs concatenate past and new keys; genai's shared buffer is for GQA
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
 
 
 def write_genai_config(bundle: pathlib.Path, config, model_type: str,
-                       signature: ExportSignature, tokenizer=None) -> pathlib.Path:
+                       signature: ExportSignature, tokenizer=None,
+                       share_buffer: bool = False) -> pathlib.Path:
     path = pathlib.Path(bundle) / GENAI_CONFIG_FILE
-    content = genai_config(config, model_type, signature, tokenizer)
+    content = genai_config(config, model_type, signature, tokenizer, share_buffer)
     path.write_text(json.dumps(content, indent=4) + "\n")
     return path

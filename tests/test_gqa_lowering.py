@@ -228,10 +228,14 @@ def test_packing_sibling_matmuls_keeps_outputs():
 
 
 def test_genai_generates_the_own_loops_tokens(gqa_bundle):
+    """genai shares one max-length buffer as past and present; the own loop feeds present
+    -> past with growing shapes. The same graph serves both."""
     from qcompile.runtimes.genai_session import GenaiSession
     from qcompile.runtimes.generation import OrtGenerator
 
     out, _ = gqa_bundle
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True  # GQA writes in place
     prompt = [3, 17, 42, 5, 99, 12]
     own = OrtGenerator(out, require_tokenizer=False).generate(prompt, 16, stop_at_eos=False)
     genai = GenaiSession(out, require_tokenizer=False).generate(prompt, 16)
