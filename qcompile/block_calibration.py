@@ -134,20 +134,31 @@ class BlockJob:
 
     def observe_inputs(self, names: list[str], observe: Callable[[str, torch.Tensor], None]):
         """Run every batch through the block, calling ``observe(name, x)`` with the input
-        of each linear in ``names`` (as ``[tokens, in_features]``)."""
+        of each linear in ``names`` (as ``[tokens, in_features]``).
+
+        Each batch's forward stops as soon as all of ``names`` have been seen: collecting
+        q/k/v inputs needs only the first norm, not attention and the MLP."""
         modules = self.linears()
-        hooks = [
-            modules[name].register_forward_pre_hook(
-                lambda mod, args, name=name: observe(name, args[0].reshape(-1, args[0].shape[-1]))
-            )
-            for name in names
-        ]
+        seen: set[str] = set()
+
+        def hook(module, args, name):
+            observe(name, args[0].reshape(-1, args[0].shape[-1]))
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _StopForward
+
+        hooks = [modules[name].register_forward_pre_hook(
+            lambda mod, args, name=name: hook(mod, args, name)) for name in names]
         try:
             for batch in range(len(self.inputs)):
-                self.forward(batch)
+                seen.clear()
+                try:
+                    self.forward(batch)
+                except _StopForward:
+                    pass
         finally:
-            for hook in hooks:
-                hook.remove()
+            for h in hooks:
+                h.remove()
 
     def call_groups(self) -> list[list[str]]:
         """Linears grouped by shared input, in the order the block calls them (q/k/v, o,
