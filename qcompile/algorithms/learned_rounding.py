@@ -74,7 +74,7 @@ class LearnedRoundingOptions:
     """
 
     method: str = "flexround"
-    iterations: int = 300
+    iterations: int = 100
     lr: float | None = None
     batch: int = 2
     rank: int = 0
@@ -216,7 +216,9 @@ class LearnedRounding(BlockAlgorithm):
         generator = torch.Generator().manual_seed(self.options.seed + job.index)
         weights = {n: self.weight_module(m.weight, self.spec_for(job.path(n)), generator)
                    for n, m in linears.items()}
-        self.losses[job.prefix] = self.train(job, weights, generator)
+        losses = self.train(job, weights, generator)
+        if losses is not None:
+            self.losses[job.prefix] = losses
         for name, module in weights.items():
             qweight = module.export()
             linears[name].weight.data = qweight.dequantize().to(linears[name].weight.device)
@@ -229,12 +231,13 @@ class LearnedRounding(BlockAlgorithm):
         return default_learning_rate(self.options.method, bits)
 
     def train(self, job: BlockJob, weights: dict[str, LearnedRoundingWeight],
-              generator: torch.Generator) -> tuple[float, float]:
-        """Adam on the block-output error; returns the mean loss of the first and last tenth."""
+              generator: torch.Generator) -> tuple[float, float] | None:
+        """Adam on the block-output error; returns the mean loss of the first and last tenth
+        of the steps (None when there is nothing to train)."""
         steps = self.options.iterations
         params = [p for w in weights.values() for p in w.parameters() if p.requires_grad]
         if steps < 1 or not params:
-            return (float("nan"), float("nan"))
+            return None
         optimizer = torch.optim.Adam(params, lr=self.learning_rate(weights))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=0.0)
         frozen = [p for p in job.block.parameters() if p.requires_grad]
