@@ -181,6 +181,9 @@ def test_bundle_has_group_query_attention_and_passes_verify(gqa_bundle):
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert attributes["do_rotary"] == 1 and attributes["kv_num_heads"] == KV_HEADS
     assert list(node.input[1:3]) == ["", ""]  # packed qkv in the query input
+    norms = [n for n in onnx.load(str(out / "model.onnx")).graph.node
+             if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert norms and all(list(n.output[1:3]) == ["", ""] for n in norms)  # no mean/inv_std
     summary = verify_bundle(out)
     assert summary["passed"], json.dumps(summary, indent=1)
     assert summary["decode"]["tokens_equal"]
