@@ -22,7 +22,7 @@ from qcompile.pass_infra import register_pass
 
 from .calibrated import CalibratedOptions, CalibratedWeightPass
 
-__all__ = ["FlexRoundOptions", "LRQOptions", "FlexRound", "LRQ"]
+__all__ = ["LRQ", "FlexRound", "FlexRoundOptions", "LRQOptions"]
 
 
 @dataclasses.dataclass(frozen=True)

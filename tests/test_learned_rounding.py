@@ -218,8 +218,9 @@ def test_options_are_validated():
 
 
 def test_flexround_pass_compiles_and_verifies(tiny_model_dir, tmp_path):
-    from qcompile.compiler import compile_bundle
     from qcompile.runtimes.ladder import verify_bundle
+
+    from qcompile.compiler import compile_bundle
 
     out = tmp_path / "bundle"
     recipe = _recipe_file(tmp_path, "flexround", keep_float=["*.layers.1.mlp.down_proj"])

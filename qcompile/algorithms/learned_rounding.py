@@ -36,9 +36,16 @@ from qcompile.block_calibration import BlockAlgorithm, BlockJob
 from qcompile.weight_format import QuantizedWeight, container_bits
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
-__all__ = ["LearnedRoundingOptions", "LearnedRoundingWeight", "FlexRoundWeight",
-           "LowRankWeight", "LearnedRounding", "default_learning_rate", "lrq_rank",
-           "round_ste"]
+__all__ = [
+    "FlexRoundWeight",
+    "LearnedRounding",
+    "LearnedRoundingOptions",
+    "LearnedRoundingWeight",
+    "LowRankWeight",
+    "default_learning_rate",
+    "lrq_rank",
+    "round_ste",
+]
 
 METHODS = ("flexround", "lrq")
 
