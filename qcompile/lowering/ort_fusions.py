@@ -43,7 +43,7 @@ def drop_unused_optional_outputs(model: ir.Model) -> int:
         if node.op_type not in _OPTIONAL_OUTPUTS:
             continue
         for value in node.outputs[1:]:
-            if value.name and not list(value.uses()) and not value.is_graph_output():
+            if value.name != "" and not list(value.uses()) and not value.is_graph_output():
                 value.name = ""
                 dropped += 1
     return dropped
