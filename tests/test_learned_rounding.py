@@ -77,11 +77,11 @@ def _rtn_error(spec=W3) -> float:
 @pytest.mark.parametrize("method", ["flexround", "lrq"])
 def test_block_output_error_below_rtn_at_3_bits(method):
     rtn = _rtn_error()
-    job, algorithm = _run(method)
+    job, algorithm = _run(method, iterations=200)
     learned = _output_error(job)
     first, last = algorithm.losses["block"]
     assert last < first
-    # FlexRound reaches about a quarter of RTN's error here, LRQ (rank 16) about half
+    # FlexRound reaches about 0.3 of RTN's error here, LRQ (rank 16, lr 6e-4) about 0.6
     assert learned < (0.5 if method == "flexround" else 0.8) * rtn, (learned, rtn)
 
 
