@@ -41,8 +41,9 @@ class AWQOptions(CalibratedOptions):
     grid: int = 20
     clip: bool = True
     max_shrink: float = 0.5
-    #: calibration tokens used by the searches (llm-awq: 512 for clipping)
+    #: calibration tokens used by the scale search, and by the clipping search (llm-awq: 512)
     search_tokens: int = 4096
+    clip_tokens: int = 512
 
     def validate(self, where: str) -> None:
         super().validate(where)
@@ -115,7 +116,9 @@ class AWQBlocks(BlockAlgorithm):
             weight = linear.weight.detach().cpu()
             if self.options.clip and not name.endswith(_NO_CLIP):
                 job.progress(f"clipping {name}")
-                weight = search_clip(weight, stats[name][1], spec, self.options.max_shrink,
+                rows = stats[name][1]
+                rows = rows[:: max(1, rows.shape[0] // self.options.clip_tokens)]
+                weight = search_clip(weight, rows, spec, self.options.max_shrink,
                                      self.options.grid)
             qweight = quantize_weight(weight, spec)
             linear.weight.data = qweight.dequantize().to(linear.weight.device)
