@@ -179,10 +179,11 @@ def test_calibration_peak_memory_does_not_grow_with_layers():
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "samples"))
     from calibration_memory import measure
 
-    four, sixteen = measure(4, samples=32), measure(16, samples=32)
+    four, sixteen = measure(4, samples=64), measure(16, samples=64)
     assert sixteen["weights"] == 4 * four["weights"]
-    # 12 more blocks of activations would add 12 activation sets; allow one
-    assert sixteen["growth"] - four["growth"] < four["activation_set_bytes"], (four, sixteen)
+    # keeping 12 more blocks' activations would add 12 activation sets (192 MiB); allow 3 for
+    # allocator noise (measured: 77.2 vs 80.3 MiB growth)
+    assert sixteen["growth"] - four["growth"] < 3 * four["activation_set_bytes"], (four, sixteen)
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
