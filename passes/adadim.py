@@ -57,8 +57,9 @@ def _validate_adadim(options, where: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaDimOptions(CalibratedOptions):
-    """RTN's options plus the dimensions to choose from and the output they are judged on."""
+class _AdaDimFields:
+    """AdaDim's own options, shared by the RTN and GPTQ variants (a dataclass mixin: its fields
+    follow the base options' fields, and ``validate`` chains to the base's)."""
 
     #: [oc, ic] chooses per layer; [ic] forces per-IC groups everywhere, [oc] is plain RTN
     candidates: tuple = DIMS
@@ -76,19 +77,13 @@ class AdaDimOptions(CalibratedOptions):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaDimGPTQOptions(GPTQOptions):
+class AdaDimOptions(_AdaDimFields, CalibratedOptions):
+    """RTN's options plus the dimensions to choose from and the output they are judged on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaDimGPTQOptions(_AdaDimFields, GPTQOptions):
     """GPTQ's options plus AdaDim's (see :class:`AdaDimOptions`)."""
-
-    candidates: tuple = DIMS
-    scope: str = "module"
-    selection_tokens: int = 4096
-
-    def __post_init__(self):
-        _normalise(self)
-
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        _validate_adadim(self, where)
 
 
 class AdaDimBlocks(BlockAlgorithm):

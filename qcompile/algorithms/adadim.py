@@ -24,7 +24,12 @@ from collections.abc import Iterable
 
 import torch
 
-from qcompile.algorithms.gptq import HessianAccumulator, _inverse_hessian_factor
+from qcompile.algorithms.gptq import (
+    HessianAccumulator,
+    drop_dead_inputs,
+    inverse_hessian_factor,
+    visit_order,
+)
 from qcompile.block_calibration import BlockJob
 from qcompile.weight_format import QuantizedWeight, effective_group_size
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight, quantize_weight_per_ic
@@ -47,16 +52,11 @@ def gptq_quantize_per_ic(weight: torch.Tensor, hessian: torch.Tensor, spec: Weig
                          damp: float = 0.01, block_size: int = 128,
                          act_order: bool = False) -> QuantizedWeight:
     """GPTQ codes for ``weight [N, K]`` with per-IC groups, given its input Hessian ``[K, K]``."""
-    w = weight.detach().to("cpu", torch.float64).clone()
+    w, h = drop_dead_inputs(weight, hessian, torch.float64)
     n, k = w.shape
-    h = hessian.to("cpu", torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order \
-        else torch.arange(k)
+    order = visit_order(h, act_order)
     w, h = w[:, order], h[order][:, order]
-    factor = _inverse_hessian_factor(h, damp)
+    factor = inverse_hessian_factor(h, damp)
     group = effective_group_size(spec.group_size, n)
     blocks = -(-n // group)
     codes = torch.zeros(n, k, dtype=torch.uint8)

@@ -19,7 +19,8 @@ import torch
 from qcompile.weight_format import QuantizedWeight, container_bits, effective_group_size
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
-__all__ = ["HessianAccumulator", "gptq_quantize"]
+__all__ = ["HessianAccumulator", "gptq_quantize", "inverse_hessian_factor", "drop_dead_inputs",
+           "visit_order"]
 
 
 class HessianAccumulator:
@@ -50,12 +51,30 @@ def _code_limits(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``H^-1`` (the rows GPTQ's update reads)."""
     h = hessian.clone()
     h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inverse, upper=True)
+
+
+def drop_dead_inputs(weight: torch.Tensor, hessian: torch.Tensor, dtype: torch.dtype):
+    """CPU copies ``(w, h)``: inputs never seen (``H_ii = 0``) get a unit diagonal so ``H``
+    stays invertible, and their weight columns are zeroed (they never reach the output)."""
+    w = weight.detach().to("cpu", dtype).clone()
+    h = hessian.to("cpu", torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h
+
+
+def visit_order(hessian: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """Column visiting order: by decreasing ``H_ii`` with act-order, else left to right."""
+    if act_order:
+        return torch.argsort(torch.diag(hessian), descending=True, stable=True)
+    return torch.arange(hessian.shape[0])
 
 
 def _group_params(columns: torch.Tensor, spec: WeightQuantSpec):
@@ -77,12 +96,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
     The Hessian is factored in float64; the column loop runs in float32 (as the reference
     code) and single-threaded: it is thousands of small ops, to which intra-op threads only add
     synchronisation (and stall badly on a busy machine)."""
-    w = weight.detach().to("cpu", torch.float32).clone()
+    w, h = drop_dead_inputs(weight, hessian, torch.float32)
     n, k = w.shape
-    h = hessian.to("cpu", torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     group = effective_group_size(spec.group_size, k)
     blocks = -(-k // group)
     scales = torch.zeros(n, blocks)
@@ -91,10 +106,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
     if static:
         for g in range(blocks):
             scales[:, g], zeros[:, g] = _group_params(w[:, g * group:(g + 1) * group], spec)
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order \
-        else torch.arange(k)
+    order = visit_order(h, act_order)
     w, h = w[:, order], h[order][:, order]
-    factor = _inverse_hessian_factor(h, damp).to(torch.float32)
+    factor = inverse_hessian_factor(h, damp).to(torch.float32)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
