@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile.algorithms.adadim import (DIMS, OutputErrorProbe, gptq_quantize_per_ic,
                                         quantize_along)
@@ -176,18 +175,19 @@ class _AdaDimPass(CalibratedWeightPass):
         self._blocks = self.blocks_class(self.block_spec, self.options)
         return self._blocks
 
-    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        result = super().call(graph_module)
+    def layer_notes(self) -> dict[str, dict]:
+        notes = {}
         for path, choice in self._blocks.choices.items():
-            layer = self.context.layers.get(path)
-            if layer is None:
-                continue
-            layer["adadim"] = choice["dim"]
+            notes[path] = {"adadim": choice["dim"]}
             if "mse" in choice:
-                layer["adadim_mse"] = {dim: float(f"{e:.6g}") for dim, e in choice["mse"].items()}
-            if choice["dim"] == "ic":
-                layer["format"] += " per-IC"
-        return result
+                notes[path]["adadim_mse"] = {dim: float(f"{e:.6g}")
+                                             for dim, e in choice["mse"].items()}
+        return notes
+
+    def annotate(self, layer: dict, note: dict) -> None:
+        layer.update(note)
+        if note["adadim"] == "ic":
+            layer["format"] += " per-IC"
 
 
 @register_pass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile.algorithms.awq import (
     apply_scale,
@@ -134,9 +133,5 @@ class AWQ(CalibratedWeightPass):
         self._blocks = AWQBlocks(self.block_spec, self.options)
         return self._blocks
 
-    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        result = super().call(graph_module)
-        for path, alpha in self._blocks.alphas.items():
-            if path in self.context.layers:
-                self.context.layers[path]["awq_alpha"] = alpha
-        return result
+    def layer_notes(self) -> dict[str, dict]:
+        return {path: {"awq_alpha": alpha} for path, alpha in self._blocks.alphas.items()}

@@ -21,6 +21,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile.block_calibration import BlockAlgorithm, run_block_calibration
 from qcompile.calibration_data import CalibrationOptions, calibration_samples
+from qcompile.calibration_record import CalibrationRecord
 from qcompile.capture import WRAPPER_ATTRIBUTE
 from qcompile.errors import QcompileError
 from qcompile.fx_utils import get_tensor, set_buffer
@@ -66,6 +67,32 @@ class CalibratedWeightPass(QuantizeWeightsRTN):
         return torch.device(wanted)
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        record = self.context.calibrated
+        if record is None:
+            record = self._calibrate()
+        elif record.algorithm != self.name:
+            raise QcompileError(f"the bundle's calibration record is from {record.algorithm}, "
+                                f"its recipe runs {self.name}",
+                                "delete calibration.safetensors or re-compile the bundle")
+        else:
+            self.context.calibration["replayed"] = True
+        self.context.calibrated = record
+        self._precomputed = dict(record.qweights)
+        self._apply_float_updates(graph_module, record.float_updates)
+        result = super().call(graph_module)
+        for path, note in record.notes.items():
+            if path in self.context.layers:
+                self.annotate(self.context.layers[path], note)
+        return result
+
+    def layer_notes(self) -> dict[str, dict]:
+        """Per-layer facts the algorithm found, kept in the record and the report."""
+        return {}
+
+    def annotate(self, layer: dict, note: dict) -> None:
+        layer.update(note)
+
+    def _calibrate(self) -> CalibrationRecord:
         model = self.context.model
         if model is None:
             raise QcompileError(f"{self.name} needs the source model to calibrate",
@@ -76,14 +103,13 @@ class CalibratedWeightPass(QuantizeWeightsRTN):
         torch.manual_seed(options.seed)
         result = run_block_calibration(model, samples, self.algorithm(), options.batch_size,
                                        options.spill, self._device())
-        self._precomputed = {path: q for path, q in result.qweights.items()}
-        self._apply_float_updates(graph_module, result.float_updates)
         self.context.calibration.update({
             "algorithm": self.name, "samples": options.samples, "seq_len": options.seq_len,
             "data": options.data, "seconds": result.seconds,
             "peak_activation_bytes": result.peak_activation_bytes,
         })
-        return super().call(graph_module)
+        return CalibrationRecord(self.name, result.qweights, result.float_updates,
+                                 self.layer_notes())
 
     def _apply_float_updates(self, gm: torch.fx.GraphModule, updates: dict) -> None:
         for name, value in updates.items():

@@ -18,6 +18,7 @@ import torch
 from qcompile import __version__
 from qcompile.attention_capture import unsupported_reason
 from qcompile.bundle import atomic_directory, check_output, directory_bytes, write_report
+from qcompile.calibration_record import save_record
 from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step
 from qcompile.genai_config import write_genai_config
@@ -80,6 +81,7 @@ def build_stages(
     timings: dict,
     recapture: bool = True,
     group_query_attention: bool = False,
+    calibrated=None,
 ) -> Stages:
     """Capture ``loaded`` and run ``recipe``'s passes; optionally keep per-stage copies.
 
@@ -87,6 +89,8 @@ def build_stages(
     stages need no ExportedProgram; ``Stages.program`` is then the pre-pass capture).
     ``group_query_attention`` captures each layer's attention as one op (see
     :func:`attention_lowering`); every torch stage then runs its reference implementation.
+    ``calibrated`` (a bundle's :class:`~qcompile.calibration_record.CalibrationRecord`) is
+    replayed by the calibrated pass instead of calibrating again.
     """
     signature = decoder_signature(loaded.model)
     with step("capturing the KV-cache decoder with torch.export", timings, "capture_s"):
@@ -95,7 +99,8 @@ def build_stages(
         module.meta["qcompile.signature"] = signature
     exported = copy.deepcopy(module) if keep_snapshots else None
     context = PassContext(loaded.model_type, loaded.config, model=loaded.model,
-                          signature=signature, tokenizer=loaded.tokenizer)
+                          signature=signature, tokenizer=loaded.tokenizer,
+                          calibrated=calibrated)
     snapshots: dict[str, torch.nn.Module] = {}
 
     def snapshot(stage: str, gm: torch.fx.GraphModule) -> None:
@@ -163,6 +168,10 @@ def compile_bundle(
             loaded.tokenizer.save_pretrained(tmp)
         write_genai_config(tmp, loaded.config, loaded.model_type, stages.context.signature,
                            loaded.tokenizer, share_buffer=attention["kind"] == GQA)
+        if stages.context.calibrated is not None:
+            record = save_record(tmp, stages.context.calibrated)
+            stages.context.calibration["record"] = {"file": record.name,
+                                                    "bytes": record.stat().st_size}
         timings["compile_s"] = round(time.perf_counter() - start, 3)
         report = _report(loaded, recipe, target, stages, accuracy_level, timings, tmp)
         report["graph"] = {"attention": attention, **graph}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pathlib
 
 from qcompile.bundle import read_report, update_report
+from qcompile.calibration_record import load_record
 from qcompile.compiler import build_stages, group_query_attention_of_report
 from qcompile.console import step
 from qcompile.errors import QcompileError
@@ -56,7 +57,8 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
     if reference:
         stages = build_stages(loaded, recipe_of_report(report), keep_snapshots=False,
                               timings={}, recapture=False,
-                              group_query_attention=group_query_attention_of_report(report))
+                              group_query_attention=group_query_attention_of_report(report),
+                              calibrated=load_record(bundle))
         results["bundle_torch_reference"] = perplexity(
             TorchRunner(stages.final), ids, "bundle (torch reference)")
     update_report(bundle, "perplexity", results)

@@ -15,6 +15,7 @@ import torch
 from onnx import numpy_helper
 
 from qcompile.bundle import read_report, update_report
+from qcompile.calibration_record import RECORD_FILE, load_record
 from qcompile.compiler import Stages, build_stages, group_query_attention_of_report
 from qcompile.console import step
 from qcompile.errors import QcompileError
@@ -230,14 +231,25 @@ def _ladder_plan(stages: Stages, report: dict, bundle: pathlib.Path, skipped: li
     return plan
 
 
+def _calibration_source(stages: Stages, record) -> str | None:
+    """How the torch stages got a calibrated pass's weights (None: the recipe has none)."""
+    if record is not None:
+        return f"replayed from {RECORD_FILE} ({record.algorithm})"
+    if stages.context.calibrated is not None:
+        return f"recalibrated ({stages.context.calibrated.algorithm}; the bundle has no record)"
+    return None
+
+
 def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
     """Run the ladder for ``bundle``; record and return the summary (``passed`` overall)."""
     bundle = pathlib.Path(bundle)
     report = read_report(bundle)
     recipe = recipe_of_report(report)
     loaded = load_model(source or report["source"]["path"])
+    record = load_record(bundle)
     stages = build_stages(loaded, recipe, keep_snapshots=True, timings={}, recapture=False,
-                          group_query_attention=group_query_attention_of_report(report))
+                          group_query_attention=group_query_attention_of_report(report),
+                          calibrated=record)
     inputs = verification_inputs(loaded.tokenizer, loaded.config.vocab_size)
     ladder = _Ladder(stages, bundle, report, inputs)
     skipped: list[dict] = []
@@ -260,6 +272,7 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
         "stages": [r.as_dict() for r in ladder.results],
         "skipped_stages": skipped,
         "integer_codes": codes,
+        "calibrated_weights": _calibration_source(stages, record),
     }
     update_report(bundle, "parity", summary)
     return summary

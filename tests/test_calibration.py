@@ -23,7 +23,10 @@ from qcompile.runtimes.ladder import verify_bundle
 from qcompile.algorithms.awq import apply_scale, scaling_groups, search_clip, search_scale
 from qcompile.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qcompile.block_calibration import BlockAlgorithm, run_block_calibration
+from qcompile.calibration_record import RECORD_FILE, CalibrationRecord, load_record, save_record
 from qcompile.compiler import compile_bundle
+from qcompile.errors import QcompileError
+from qcompile.weight_format import QuantizedWeight
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
 
@@ -197,8 +200,52 @@ def test_calibrated_bundle_verifies_and_is_byte_identical_when_rebuilt(method, t
     for out in bundles:
         report = compile_bundle(str(tiny_model_dir("llama")), str(recipe), "ort", out)
     assert report["calibration"]["algorithm"] == method
-    for name in ("model.onnx", "model.onnx.data"):
+    for name in ("model.onnx", "model.onnx.data", RECORD_FILE):
         assert (bundles[0] / name).read_bytes() == (bundles[1] / name).read_bytes(), name
     summary = verify_bundle(bundles[0])
     assert summary["passed"], json.dumps(summary, indent=1)
     assert summary["integer_codes"]["mismatched"] == []
+    assert summary["calibrated_weights"].startswith("replayed"), summary["calibrated_weights"]
+    (bundles[1] / RECORD_FILE).unlink()  # without its record, verify recalibrates
+    summary = verify_bundle(bundles[1])
+    assert summary["passed"] and summary["calibrated_weights"].startswith("recalibrated")
+
+
+def test_verify_catches_a_record_that_disagrees_with_the_model(tiny_model_dir, tmp_path):
+    """A replayed record is checked, not trusted: one changed code fails the code check."""
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text("passes:\n  - gptq: {bits: 4, group_size: 32, calibration: "
+                      "{data: random, samples: 4, seq_len: 32}}\n  - pack_weights\n")
+    bundle = tmp_path / "b"
+    compile_bundle(str(tiny_model_dir("llama")), str(recipe), "ort", bundle)
+    record = load_record(bundle)
+    path = sorted(record.qweights)[0]
+    codes = record.qweights[path].codes
+    codes[0, 0] = (int(codes[0, 0]) + 1) % 16
+    save_record(bundle, record)
+    summary = verify_bundle(bundle)
+    assert not summary["passed"]
+    assert path in summary["integer_codes"]["mismatched"]
+
+
+def test_calibration_record_round_trips_and_rejects_corruption(tmp_path):
+    weights = {
+        "a": QuantizedWeight(torch.randint(0, 8, (6, 10), dtype=torch.uint8),
+                             torch.rand(6, 1), torch.randint(0, 8, (6, 1), dtype=torch.uint8),
+                             3, 10),
+        "b": QuantizedWeight(torch.randint(0, 256, (4, 5), dtype=torch.uint8),
+                             torch.rand(2, 5), None, 8, 2, axis=0),
+    }
+    updates = {"model.norm.weight": torch.rand(7)}
+    save_record(tmp_path, CalibrationRecord("awq", weights, updates))
+    back = load_record(tmp_path)
+    assert back.algorithm == "awq" and torch.equal(back.float_updates["model.norm.weight"],
+                                                   updates["model.norm.weight"])
+    for name, q in weights.items():
+        r = back.qweights[name]
+        assert torch.equal(r.codes, q.codes) and torch.equal(r.scales, q.scales)
+        assert (r.bits, r.group_size, r.axis) == (q.bits, q.group_size, q.axis)
+        assert (r.zeros is None) == (q.zeros is None)
+    (tmp_path / RECORD_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(QcompileError, match="not a readable calibration record"):
+        load_record(tmp_path)

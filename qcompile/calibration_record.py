@@ -1,0 +1,102 @@
+"""The calibration record: a bundle's calibrated integer weights and exact float updates.
+
+Calibrated passes (GPTQ, AWQ, FlexRound, ...) take minutes to hours. ``verify`` and
+``eval --reference`` must rebuild the quantized torch model the bundle was lowered from; the
+record lets them do that by replaying what calibration produced instead of calibrating again.
+It is written next to the model as ``calibration.safetensors`` (packed codes, so about half the
+model's size at 4 bits). The model never reads it: delete it to ship a smaller bundle, and
+``verify`` then recalibrates (the same data and seed give the same codes).
+
+What a replay proves: the ONNX model computes what the torch model with these codes and float
+updates computes, and its integer codes equal them. That calibration itself is deterministic is
+checked separately (the bundle-rebuild tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import torch
+
+from qcompile.errors import QcompileError
+from qcompile.weight_format import QuantizedWeight, pack_codes, unpack_codes
+
+__all__ = ["RECORD_FILE", "CalibrationRecord", "load_record", "save_record"]
+
+RECORD_FILE = "calibration.safetensors"
+_FORMAT = "qcompile-calibration-record-1"
+
+
+@dataclasses.dataclass
+class CalibrationRecord:
+    """What one calibrated pass produced: ``qweights`` by module path, ``float_updates`` by
+    parameter name (see :class:`~qcompile.block_calibration.BlockCalibrationResult`)."""
+
+    algorithm: str
+    qweights: dict[str, QuantizedWeight]
+    float_updates: dict[str, torch.Tensor]
+    #: per-layer facts for report.json (AWQ's alpha, AdaDim's choice), by module path
+    notes: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
+def _code_bits(bits: int) -> int:
+    return 4 if bits <= 4 else 8
+
+
+def save_record(directory: pathlib.Path, record: CalibrationRecord) -> pathlib.Path:
+    """Write ``record`` into ``directory`` (a bundle being built); returns the file."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, dict] = {}
+    for path, q in sorted(record.qweights.items()):
+        n, k = q.codes.shape
+        tensors[f"q.{path}.codes"] = pack_codes(q.codes, _code_bits(q.bits), k).contiguous()
+        tensors[f"q.{path}.scales"] = q.scales.contiguous()
+        if q.zeros is not None:
+            tensors[f"q.{path}.zeros"] = q.zeros.contiguous()
+        layout[path] = {"bits": q.bits, "group_size": q.group_size, "axis": q.axis,
+                        "shape": [n, k]}
+    for name, value in sorted(record.float_updates.items()):
+        tensors[f"f.{name}"] = value.detach().contiguous()
+    # one metadata key: safetensors writes several in hash order, and bundles must be
+    # byte-identical when rebuilt
+    metadata = {"record": json.dumps({"format": _FORMAT, "algorithm": record.algorithm,
+                                      "weights": layout, "notes": record.notes}, sort_keys=True)}
+    target = pathlib.Path(directory) / RECORD_FILE
+    save_file(tensors, str(target), metadata=metadata)
+    return target
+
+
+def load_record(directory: pathlib.Path) -> CalibrationRecord | None:
+    """The record of the bundle ``directory``, or None when it has none."""
+    from safetensors import safe_open
+
+    path = pathlib.Path(directory) / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = json.loads((f.metadata() or {}).get("record", "{}"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"format {metadata.get('format')!r}, expected {_FORMAT!r}")
+        layout = metadata["weights"]
+        qweights = {p: _weight(tensors, p, spec) for p, spec in layout.items()}
+    except Exception as exc:  # corrupt or foreign file: say which and how to recover
+        raise QcompileError(f"{path} is not a readable calibration record ({exc})",
+                            f"delete {path.name} (verify then recalibrates) or re-compile "
+                            "the bundle") from exc
+    updates = {n.removeprefix("f."): t for n, t in tensors.items() if n.startswith("f.")}
+    return CalibrationRecord(metadata["algorithm"], qweights, updates, metadata.get("notes", {}))
+
+
+def _weight(tensors: dict, path: str, spec: dict) -> QuantizedWeight:
+    n, k = spec["shape"]
+    codes = unpack_codes(tensors[f"q.{path}.codes"], _code_bits(spec["bits"]), k)
+    if tuple(codes.shape) != (n, k):
+        raise ValueError(f"{path}: codes unpack to {tuple(codes.shape)}, expected {(n, k)}")
+    return QuantizedWeight(codes, tensors[f"q.{path}.scales"], tensors.get(f"q.{path}.zeros"),
+                           spec["bits"], spec["group_size"], spec["axis"])
