@@ -28,6 +28,9 @@ __all__ = [
     "quantize_per_channel",
     "dequantize_per_channel",
     "channel_range_to_scale",
+    "channel_span",
+    "normalize_channels",
+    "denormalize_channels",
     "pack_int4",
     "unpack_int4",
     "packed_dim",
@@ -71,22 +74,51 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
     return torch.clamp(torch.round((x - offset) / scale), 0, levels(bits))
 
 
-def quantize_per_token(x: torch.Tensor, bits: int):
-    """``x [B, H, T, D]`` -> ``(stored codes, scale [B, H, T, 1], offset [B, H, T, 1])``."""
-    low = x.amin(dim=-1, keepdim=True)
-    high = x.amax(dim=-1, keepdim=True)
+def quantize_per_token(x: torch.Tensor, bits: int, groups: int = 1):
+    """``x [B, H, T, D]`` -> ``(stored codes, scale [B, H, T, G], offset [B, H, T, G])``.
+
+    ``groups`` splits each position's ``head_dim`` into G equal runs with their own scale and
+    offset (G = 1: one per position and head)."""
+    if groups == 1:
+        low = x.amin(dim=-1, keepdim=True)
+        high = x.amax(dim=-1, keepdim=True)
+        scale = torch.clamp(high - low, min=_EPS) / levels(bits)
+        return _store(_codes(x, scale, low, bits), bits), scale, low
+    runs = x.unflatten(-1, (groups, x.shape[-1] // groups))
+    low = runs.amin(dim=-1, keepdim=True)
+    high = runs.amax(dim=-1, keepdim=True)
     scale = torch.clamp(high - low, min=_EPS) / levels(bits)
-    return _store(_codes(x, scale, low, bits), bits), scale, low
+    codes = _codes(runs, scale, low, bits).flatten(-2)
+    return _store(codes, bits), scale.squeeze(-1), low.squeeze(-1)
 
 
-def dequantize_per_token(stored, scale, offset, bits: int) -> torch.Tensor:
-    return _load(stored, bits) * scale + offset
+def dequantize_per_token(stored, scale, offset, bits: int, groups: int = 1) -> torch.Tensor:
+    if groups == 1:
+        return _load(stored, bits) * scale + offset
+    runs = _load(stored, bits).unflatten(-1, (groups, -1))
+    return (runs * scale.unsqueeze(-1) + offset.unsqueeze(-1)).flatten(-2)
 
 
 def channel_range_to_scale(low: torch.Tensor, high: torch.Tensor, bits: int):
     """Calibrated per-channel ``[H, D]`` min/max -> ``(scale, offset)`` shaped ``[1, H, 1, D]``."""
     scale = torch.clamp(high - low, min=_EPS) / levels(bits)
     return scale[None, :, None, :].contiguous(), low[None, :, None, :].contiguous()
+
+
+def normalize_channels(x: torch.Tensor, span: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Map each channel's calibrated ``[low, low + span]`` to ``[0, 1]`` (``[1, H, 1, D]``
+    constants) before per-token quantization: the static part removes the channels' offsets
+    and outlier scales, the per-token part then adapts to each token's own range."""
+    return (x - low) / span
+
+
+def denormalize_channels(x: torch.Tensor, span: torch.Tensor, low: torch.Tensor):
+    return x * span + low
+
+
+def channel_span(low: torch.Tensor, high: torch.Tensor):
+    """Calibrated ``[H, D]`` min/max -> ``(span, low)`` shaped ``[1, H, 1, D]``."""
+    return channel_range_to_scale(low, high, 1)
 
 
 def quantize_per_channel(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

@@ -127,7 +127,11 @@ BUILTIN_RECIPES.update({
 #: ``<recipe>+<modifier>`` appends a KV-cache quantization step to any recipe
 KV_MODIFIERS: dict[str, dict] = {
     "kv8": {"bits": 8},
-    "kv4": {"bits": 4},
+    # int4: a static per-channel key range wastes the 16 levels on RoPE-rotated channels
+    # (SmolLM2 +9 % perplexity); normalising channels first, then scaling each token's groups
+    # of 32, costs +1.7 % in the torch check for 33 % more bytes than per-channel keys
+    "kv4": {"bits": 4, "key": "normalized-token", "group_size": 32},
+    "kv4-channel": {"bits": 4},
     "kv8-token": {"bits": 8, "key": "per-token"},
     "kv4-token": {"bits": 4, "key": "per-token"},
 }

@@ -33,12 +33,63 @@ def test_per_token_error_is_at_most_half_a_step(bits):
     assert torch.all(error <= scale / 2 + 1e-6)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_grouped_per_token_scales_each_run_of_head_dim(bits):
+    x = torch.randn(1, 2, 5, 16)
+    x[..., 8:] *= 50  # the second half of head_dim is much larger
+    stored, scale, offset = kv_codec.quantize_per_token(x, bits, groups=2)
+    assert scale.shape == offset.shape == (1, 2, 5, 2)
+    rebuilt = kv_codec.dequantize_per_token(stored, scale, offset, bits, groups=2)
+    error = (rebuilt - x).abs()
+    assert torch.all(error[..., :8] <= scale[..., :1] / 2 + 1e-6)
+    assert torch.all(error[..., 8:] <= scale[..., 1:] / 2 + 1e-5)
+    whole = kv_codec.dequantize_per_token(*kv_codec.quantize_per_token(x, bits), bits)
+    assert (rebuilt - x)[..., :8].abs().mean() < (whole - x)[..., :8].abs().mean() / 4
+
+
+def test_normalized_token_keys_beat_static_channel_ranges_on_rotating_channels():
+    """RoPE turns each channel pair with position, so a static per-channel range must span the
+    whole circle while one token uses part of it; per-token codes over normalised channels
+    follow the token (the reason +kv4 uses them for keys)."""
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.arange(256, dtype=torch.float32)[:, None]
+    angle = positions * torch.logspace(0, -3, 8)[None, :]
+    radius = torch.rand(8, generator=gen) * 10 + 1
+    base = torch.randn(8, generator=gen) * 3
+    keys = torch.cat((radius * torch.cos(angle) + base, radius * torch.sin(angle) - base), -1)
+    keys = keys + 0.1 * torch.randn(keys.shape, generator=gen)
+    keys = keys[None, None]  # [1, 1, T, 16]
+    low, high = keys.amin(dim=(0, 2)), keys.amax(dim=(0, 2))
+    scale, offset = kv_codec.channel_range_to_scale(low, high, 4)
+    static = kv_codec.dequantize_per_channel(
+        kv_codec.quantize_per_channel(keys, scale, offset, 4), scale, offset, 4)
+    span, start = kv_codec.channel_span(low, high)
+    normed = kv_codec.normalize_channels(keys, span, start)
+    rebuilt = kv_codec.denormalize_channels(
+        kv_codec.dequantize_per_token(*kv_codec.quantize_per_token(normed, 4, 2), 4, 2),
+        span, start)
+    static_error = (static - keys).square().mean()
+    normalized_error = (rebuilt - keys).square().mean()
+    assert normalized_error < 0.7 * static_error, (normalized_error, static_error)
+
+
 def test_per_channel_static_scales_clamp_out_of_range_values():
     low, high = -torch.ones(2, 4), torch.ones(2, 4)
     scale, offset = kv_codec.channel_range_to_scale(low, high, 8)
     x = torch.tensor([-3.0, -1.0, 0.5, 1.0]).expand(1, 2, 1, 4)
     stored = kv_codec.quantize_per_channel(x, scale, offset, 8)
     assert stored.flatten()[:4].tolist() == [0, 0, 191, 255]  # -3 clamps to the calibrated min
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"bits": 4, "group_size": 3}, "group_size must be 0 or a positive even number"),
+    ({"bits": 4, "key": "per-head"}, "key must be one of per-channel, per-token"),
+])
+def test_kv_options_reject_bad_values(options, message):
+    from qcompile.passes.quantize_kv_cache import KVOptions
+
+    with pytest.raises(QcompileError, match=message):
+        KVOptions(**options).validate("quantize_kv_cache")
 
 
 def test_recipe_modifiers():
@@ -65,8 +116,9 @@ def bundles(tiny_model_dir, tmp_path_factory):
 
 def test_cache_inputs_are_codes_and_bytes_per_token_shrink(bundles):
     # per layer and position: 2 heads x 16 dims; fp32 keys+values 2*32*4 = 256 bytes;
-    # int8: 32 + 32 + value scale and offset 2*2*4 = 80; int4: 16 + 16 + 16 = 48
-    expected = {"fp32": 2 * 256, "kv8": 2 * 80, "kv4": 2 * 48}
+    # int8: 32 + 32 + value scale and offset 2*2*4 = 80; int4: 16 + 16 + scale and offset
+    # of keys and values (group 32 >= head_dim: one per head) 2*16 = 64
+    expected = {"fp32": 2 * 256, "kv8": 2 * 80, "kv4": 2 * 64}
     for name, (out, report) in bundles.items():
         assert report["signature"]["cache"]["bytes_per_token"] == expected[name]
         assert OrtGenerator(out, require_tokenizer=False).cache_bytes_per_token() == \
@@ -76,7 +128,10 @@ def test_cache_inputs_are_codes_and_bytes_per_token_shrink(bundles):
     assert inputs["past_key_values.0.key"].type == "tensor(uint8)"
     assert inputs["past_key_values.0.key"].shape[3] == 8  # two int4 codes per byte
     assert inputs["past_key_values.1.value_scale"].type == "tensor(float)"
-    assert "past_key_values.0.key_scale" not in inputs  # keys: static per-channel scales
+    assert inputs["past_key_values.1.key_scale"].shape[3] == 1  # per token over normed channels
+    kv8_inputs = {i.name for i in ort.InferenceSession(
+        str(bundles["kv8"][0] / "model.onnx")).get_inputs()}
+    assert "past_key_values.0.key_scale" not in kv8_inputs  # int8 keys: static per channel
     ok, reason = genai_can_run(bundles["kv4"][0])
     assert not ok and "uint8" in reason
 
