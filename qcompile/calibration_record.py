@@ -67,6 +67,7 @@ def save_record(directory: pathlib.Path, record: CalibrationRecord) -> pathlib.P
                                       "weights": layout, "notes": record.notes}, sort_keys=True)}
     target = pathlib.Path(directory) / RECORD_FILE
     save_file(tensors, str(target), metadata=metadata)
+    target.chmod(0o644)  # safetensors creates it owner-only; the bundle's other files are not
     return target
 
 
