@@ -77,6 +77,10 @@ class _TokenWindows:
         return iter(self._feeds)
 
 
+#: the widths ORT 1.32's quantizer accepts (it asserts on any other)
+ORT_BITS = (2, 4, 8)
+
+
 def _quantize(model, algo: str, bits: int, block_size: int, symmetric: bool,
               include=None, exclude=None, per_channel=False, windows=None) -> onnx.ModelProto:
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
@@ -124,6 +128,10 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
     (``samples`` x ``seq_len`` tokens)."""
     if algo not in ALGORITHMS:
         raise QcompileError(f"unknown ORT algorithm {algo!r}", f"choose {', '.join(ALGORITHMS)}")
+    if bits not in ORT_BITS:
+        raise QcompileError(f"ONNX Runtime's matmul_nbits_quantizer has no {bits}-bit mode "
+                            f"(it supports {', '.join(map(str, ORT_BITS))} bits)",
+                            "compare at 2, 4 or 8 bits; the qcompile w3 recipes have no ORT peer")
     fp32_bundle, out_dir = pathlib.Path(fp32_bundle), pathlib.Path(out_dir)
     source_report = read_report(fp32_bundle)
     if source_report["recipe"]["passes"]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from qcompile.compiler import compile_bundle
+from qcompile.errors import QcompileError
 from qcompile.runtimes.ort_runner import OrtRunner, session_options
 from qcompile.runtimes.peer_ort_quantizer import quantize_with_ort
 
@@ -28,3 +30,9 @@ def test_peer_quantizes_body_4bit_and_tied_lm_head_8bit(tiny_model_dir, tmp_path
     ours, theirs = OrtRunner(fp32 / "model.onnx")(ids, np.ones_like(ids)), \
         OrtRunner(peer / "model.onnx")(ids, np.ones_like(ids))
     assert np.abs(ours - theirs).max() < 0.25 * np.abs(ours).max()
+
+
+def test_peer_refuses_widths_ort_cannot_quantize_before_reading_anything(tmp_path):
+    with pytest.raises(QcompileError, match="has no 3-bit mode"):
+        quantize_with_ort(tmp_path / "missing", tmp_path / "out", "rtn", bits=3)
+    assert not (tmp_path / "out").exists()
