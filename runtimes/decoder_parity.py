@@ -6,6 +6,12 @@ the same greedy loop over the torch reference graph (same quantization, the last
 ladder). Tokens must be identical; each step's logits must agree within the stage tolerance.
 The comparison starts where both loops saw the same tokens, so a first divergence is reported
 at its step rather than cascading.
+
+Bundles that round activations inside the graph (a quantized KV cache, int8 compute) cannot
+promise identical greedy tokens: one code landing on its neighbour can flip a near-tie. For
+them (``strict=False``) ORT is teacher-forced with the torch reference's tokens and every
+step's logits are compared within the stage tolerance; whether the free-running greedy tokens
+matched, and from which step they differ, is still reported.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from qcompile.runtimes.generation import OrtGenerator
 from qcompile.runtimes.parity import Tolerance, compare
 from qcompile.runtimes.torch_runner import TorchRunner
 
-__all__ = ["torch_greedy", "decoder_parity"]
+__all__ = ["decoder_parity", "forced_logits", "torch_greedy"]
 
 
 def torch_greedy(runner: TorchRunner, prompt: np.ndarray, new_tokens: int):
@@ -33,24 +39,43 @@ def torch_greedy(runner: TorchRunner, prompt: np.ndarray, new_tokens: int):
     return tokens, np.stack(step_logits)
 
 
+def forced_logits(generator: OrtGenerator, prompt: np.ndarray, tokens: list[int]):
+    """ORT's step logits ``[len(tokens), vocab]`` when it is fed ``tokens`` one at a time
+    after ``prompt`` (step i: the logits that chose ``tokens[i]``)."""
+    logits, cache = generator.forward(np.asarray(prompt, np.int64)[None], generator.empty_cache(),
+                                      0)
+    steps = []
+    for i, token in enumerate(tokens):
+        steps.append(logits[0, -1])
+        if i + 1 < len(tokens):
+            logits, cache = generator.forward(np.array([[token]]), cache, len(prompt) + i)
+    return np.stack(steps)
+
+
 def decoder_parity(reference: torch.nn.Module, bundle, prompt: np.ndarray,
-                   tolerance: Tolerance, new_tokens: int = 32) -> dict:
+                   tolerance: Tolerance, new_tokens: int = 32, strict: bool = True) -> dict:
     """Greedy ``new_tokens`` from ``prompt`` through the bundle and through ``reference``."""
     theirs, their_logits = torch_greedy(TorchRunner(reference), prompt, new_tokens)
     generator = OrtGenerator(bundle, require_tokenizer=False)
     ours, our_logits = generator.generate(list(map(int, prompt)), new_tokens, stop_at_eos=False,
                                           return_logits=True)
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-    agreed = len(ours) if same is None else same + 1  # logits up to the first divergence
-    stats = compare(our_logits[:agreed], their_logits[:agreed])
+    if strict:
+        agreed = len(ours) if same is None else same + 1  # logits up to the first divergence
+        stats = compare(our_logits[:agreed], their_logits[:agreed])
+        passed = same is None and tolerance.passes(stats)
+    else:
+        stats = compare(forced_logits(generator, prompt, theirs), their_logits)
+        passed = tolerance.passes(stats)
     return {
         "stage": "decode",
-        "compared_with": "torch reference (greedy, same quantization)",
+        "compared_with": "torch reference (greedy, same quantization)" if strict else
+                         "torch reference's greedy tokens, ORT teacher-forced",
         "tolerance": tolerance.describe(),
         "prompt_tokens": int(len(prompt)),
         "new_tokens": new_tokens,
         "tokens_equal": same is None,
         "first_different_step": same,
-        "passed": same is None and tolerance.passes(stats),
+        "passed": passed,
         **stats.as_dict(),
     }
