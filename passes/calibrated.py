@@ -85,6 +85,10 @@ class CalibratedWeightPass(QuantizeWeightsRTN):
                 self.annotate(self.context.layers[path], note)
         return result
 
+    def calibration_facts(self) -> dict:
+        """Facts about the calibration run for report.json (not replayed with the record)."""
+        return {}
+
     def layer_notes(self) -> dict[str, dict]:
         """Per-layer facts the algorithm found, kept in the record and the report."""
         return {}
@@ -107,6 +111,7 @@ class CalibratedWeightPass(QuantizeWeightsRTN):
             "algorithm": self.name, "samples": options.samples, "seq_len": options.seq_len,
             "data": options.data, "seconds": result.seconds,
             "peak_activation_bytes": result.peak_activation_bytes,
+            **self.calibration_facts(),
         })
         return CalibrationRecord(self.name, result.qweights, result.float_updates,
                                  self.layer_notes())

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-from torch.fx.passes.infra.pass_base import PassResult
-
 from qcompile.algorithms.learned_rounding import LearnedRounding, LearnedRoundingOptions
 from qcompile.block_calibration import BlockAlgorithm
 from qcompile.errors import QcompileError
@@ -75,13 +72,9 @@ class _LearnedRoundingPass(CalibratedWeightPass):
             rank=getattr(o, "rank", 0), learn_grid=o.learn_grid, seed=o.calibration.seed))
         return self._algorithm
 
-    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        result = super().call(graph_module)
-        self.context.calibration["reconstruction_loss"] = {
-            block: {"first": first, "last": last}
-            for block, (first, last) in self._algorithm.losses.items()
-        }
-        return result
+    def calibration_facts(self) -> dict:
+        return {"reconstruction_loss": {block: {"first": first, "last": last}
+                                        for block, (first, last) in self._algorithm.losses.items()}}
 
 
 @register_pass

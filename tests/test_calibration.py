@@ -189,11 +189,12 @@ def test_calibration_peak_memory_does_not_grow_with_layers():
     assert sixteen["growth"] - four["growth"] < 3 * four["activation_set_bytes"], (four, sixteen)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "flexround", "adadim_rtn"])
 def test_calibrated_bundle_verifies_and_is_byte_identical_when_rebuilt(method, tiny_model_dir,
                                                                          tmp_path):
     recipe = tmp_path / f"{method}.yaml"
-    recipe.write_text(f"passes:\n  - {method}: {{bits: 4, group_size: 32, calibration: "
+    steps = "iterations: 20, " if method == "flexround" else ""
+    recipe.write_text(f"passes:\n  - {method}: {{bits: 4, group_size: 32, {steps}calibration: "
                       "{data: random, samples: 8, seq_len: 64, batch_size: 4}}\n"
                       "  - pack_weights\n")
     bundles = [tmp_path / "a", tmp_path / "b"]
