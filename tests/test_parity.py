@@ -21,6 +21,15 @@ def test_compare_statistics():
     assert compare(expected, expected).sqnr_db > 200
 
 
+def test_a_greedy_difference_is_a_tie_only_within_the_tolerance():
+    from qcompile.runtimes.decoder_parity import _is_tie
+
+    row = np.array([10.0, 9.9995, 3.0, -20.0])  # tokens 0 and 1 differ by 5e-4
+    assert _is_tie(row, 1, CLOSE)  # both may be off by 1e-4 * 20 = 2e-3
+    assert not _is_tie(row, 2, CLOSE)
+    assert not _is_tie(row, 1, INT8_COMPUTE)  # no float bound: never a tie
+
+
 def test_int8_tolerance_checks_top1():
     expected = np.array([[1.0, 1.01], [3.0, 0.0]])
     swapped = np.array([[1.01, 1.0], [3.0, 0.0]])
