@@ -250,3 +250,15 @@ def test_calibration_record_round_trips_and_rejects_corruption(tmp_path):
     (tmp_path / RECORD_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(QcompileError, match="not a readable calibration record"):
         load_record(tmp_path)
+
+
+def test_sample_table_recipes_load_with_32_calibration_windows():
+    """The README's calibrated table was compiled from samples/recipes; they must stay valid."""
+    from qcompile.recipes import load_recipe
+
+    files = sorted((pathlib.Path(__file__).parents[1] / "samples" / "recipes").glob("*.yaml"))
+    assert len(files) >= 7
+    for file in files:
+        step = load_recipe(str(file)).steps[0]
+        assert step.options.calibration.samples == 32, file.name
+        assert f"w{step.options.bits}" == file.name[:2], file.name
