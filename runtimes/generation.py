@@ -522,7 +522,9 @@ class OrtGenerator:
             max_new_tokens: upper bound on generated positions.
             sampling: token choice (default greedy).
             stop_at_eos: stop once every row has produced an end-of-sequence token (rows that
-                finished earlier are fed end-of-sequence tokens meanwhile).
+                finished earlier are fed end-of-sequence tokens meanwhile). False ignores
+                end-of-sequence tokens altogether: every row keeps its own greedy / sampled
+                choice (what parity checks and benchmarks need).
 
         Yields:
             A :class:`Step` per generated position.
@@ -538,7 +540,7 @@ class OrtGenerator:
             past_len += ids.shape[1]
             last = logits[:, -1, :]
             tokens = select_tokens(last, sampling, rng)
-            if done.any():
+            if stop_at_eos and done.any():
                 tokens[done] = self._pad_token()
             yield Step(tokens, last)
             done |= np.isin(tokens, list(self.eos_token_ids))

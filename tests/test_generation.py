@@ -90,6 +90,21 @@ def test_greedy_matches_onnxruntime_genai(tiny_bundle, generator):
     assert len(ours) >= 8 and len(set(ours)) >= 4  # a real sequence, not one repeated id
 
 
+def test_without_stop_at_eos_an_end_token_changes_nothing_after_it(generator):
+    """Parity compares free-running tokens with a reference that knows nothing of EOS: after
+    an end token, the loop must keep choosing by the logits, not feed padding."""
+    tokens, logits = generator.generate(PROMPT, 8, stop_at_eos=False, return_logits=True)
+    saved = generator.eos_token_ids
+    generator.eos_token_ids = {tokens[1]}  # the second token now ends the sequence
+    try:
+        again = generator.generate(PROMPT, 8, stop_at_eos=False)
+        stopped = generator.generate(PROMPT, 8)
+    finally:
+        generator.eos_token_ids = saved
+    assert again == tokens == [int(np.argmax(row)) for row in logits]
+    assert stopped == tokens[:tokens.index(tokens[1]) + 1]
+
+
 def test_greedy_matches_recompute_without_cache(generator):
     tokens, step_logits = generator.generate(PROMPT, 16, stop_at_eos=False, return_logits=True)
     sequence = list(PROMPT)
