@@ -75,12 +75,21 @@ def _grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 def fit_group_params(wmin, wmax, bits: int, symmetric: bool):
-    """Scale and zero point (in container codes) for per-group ranges ``[wmin, wmax]``."""
+    """Scale and zero point (in container codes) for per-group ranges ``[wmin, wmax]``.
+
+    Symmetric groups put their largest-magnitude value exactly on the most negative code
+    (``-2^(bits-1)``), as ONNX Runtime's quantizer does: ``scale = extreme / -2^(bits-1)``,
+    negative when that extreme is positive. All 2^bits codes are then usable with a scale of
+    ``absmax / 8`` at 4 bits; the previous ``absmax / 7.5`` with the positive extreme clamped
+    to +7 had 25-30 % more squared error on SmolLM2's weights (and +3.5 perplexity at w4 g32
+    with an int4 lm_head). Every consumer computes ``(code - zero) * scale``, so the sign needs
+    no special case.
+    """
     cbits = container_bits(bits)
     if symmetric:
-        absmax = torch.maximum(wmin.abs(), wmax.abs())
-        scale = absmax / ((1 << (bits - 1)) - 0.5)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        extreme = torch.where(wmax.abs() > wmin.abs(), wmax, wmin)
+        scale = extreme / -float(1 << (bits - 1))
+        scale = torch.where(scale != 0, scale, torch.ones_like(scale))
         zero = torch.full_like(scale, float(1 << (cbits - 1)))
         return scale, zero
     wmin = torch.minimum(wmin, torch.zeros_like(wmin))

@@ -1,17 +1,22 @@
 """``eval``: perplexity of a bundle through ONNX Runtime, of its fp32 source through torch,
 and optionally of its quantized torch reference (to show the ONNX artifact computes what the
 quantized model computes). Results go into the bundle's ``report.json``.
+
+Bundles made by other tools (onnxruntime-genai's model builder: ``model.onnx`` with
+``genai_config.json`` but no ``report.json``) are scored too, through ONNX Runtime only, so a
+peer's perplexity comes from the same windows and code as ours; nothing is written into them.
 """
 
 from __future__ import annotations
 
 import pathlib
 
-from qcompile.bundle import read_report, update_report
+from qcompile.bundle import REPORT_FILE, read_report, update_report
 from qcompile.calibration_record import load_record
 from qcompile.compiler import build_stages, group_query_attention_of_report
 from qcompile.console import step
 from qcompile.errors import QcompileError
+from qcompile.genai_config import GENAI_CONFIG_FILE
 from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.models import load_model
 from qcompile.recipes import recipe_of_report
@@ -33,21 +38,35 @@ def _bundle_tokenizer(bundle: pathlib.Path):
         return None
 
 
+def _foreign_genai_bundle(bundle: pathlib.Path, source: bool, reference: bool) -> bool:
+    """True for a genai bundle another tool wrote (no report.json); refuses what it lacks."""
+    if (bundle / REPORT_FILE).is_file() or not (bundle / GENAI_CONFIG_FILE).is_file():
+        return False
+    if source or reference:
+        raise QcompileError(
+            f"{bundle} has no {REPORT_FILE} (not made by qcompile), so its source model and "
+            "recipe are unknown",
+            "pass --no-source (and no --reference) to score it through ONNX Runtime only")
+    return True
+
+
 def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
                     reference=False) -> dict:
     """Score the bundle (and the fp32 source / torch reference); record in report.json."""
     bundle = pathlib.Path(bundle)
-    report = read_report(bundle)
+    foreign = bundle.is_dir() and _foreign_genai_bundle(bundle, source, reference)
+    report = None if foreign else read_report(bundle)
     if not (bundle / MODEL_FILE).is_file():
         raise QcompileError(f"{bundle} has no {MODEL_FILE}", "re-compile the bundle")
     tokenizer = _bundle_tokenizer(bundle)
     ids = token_windows(token_ids(tokenizer, text, "evaluation"), seq_len, windows)
-    level = report["target"]["accuracy_level"]
+    # MatMulNBits carry their own compute type; the level only steers ORT's DQ -> MatMulNBits
+    level = 0 if foreign else report["target"]["accuracy_level"]
     results: dict = {"text": text or "default (pydoc_data.topics, second half)",
                      "windows": len(ids), "seq_len": seq_len}
-    results["bundle_ort"] = perplexity(OrtRunner(bundle / MODEL_FILE, True, level), ids,
-                                       "bundle (ONNX Runtime)")
     generator = OrtGenerator(bundle, accuracy_level=level)
+    runner = OrtRunner(bundle / MODEL_FILE, True, level, head_size=generator.head_size)
+    results["bundle_ort"] = perplexity(runner, ids, "bundle (ONNX Runtime)")
     results["bundle_ort_through_cache"] = perplexity_through_cache(generator, ids, "(ORT)")
     if source or reference:
         with step("loading the source model"):
@@ -61,5 +80,6 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
                               calibrated=load_record(bundle))
         results["bundle_torch_reference"] = perplexity(
             TorchRunner(stages.final), ids, "bundle (torch reference)")
-    update_report(bundle, "perplexity", results)
+    if not foreign:
+        update_report(bundle, "perplexity", results)
     return results

@@ -38,8 +38,9 @@ class OrtRunner:
     """``logits = runner(input_ids, attention_mask)`` over an ONNX Runtime CPU session."""
 
     def __init__(self, model_path, optimized: bool = True, accuracy_level: int = 0,
-                 threads: int = 0):
+                 threads: int = 0, head_size: int | None = None):
         self.model_path = pathlib.Path(model_path)
+        self.head_size = head_size  # for a symbolic cache head dimension (the builder's)
         self.name = "ort-fused" if optimized else "ort-unfused"
         self.session = ort.InferenceSession(
             str(self.model_path),
@@ -53,7 +54,7 @@ class OrtRunner:
         """The first step of the decoder (empty past) on ``input_ids``."""
         feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64),
                  "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
-        feeds.update(empty_cache_feeds(self.session, len(input_ids)))
+        feeds.update(empty_cache_feeds(self.session, len(input_ids), self.head_size))
         return self.session.run(output_names,
                                 {k: v for k, v in feeds.items() if k in self.input_names})
 
@@ -61,12 +62,13 @@ class OrtRunner:
         return self.run(input_ids, attention_mask)[0]
 
 
-def empty_cache_feeds(session, batch: int) -> dict[str, np.ndarray]:
+def empty_cache_feeds(session, batch: int, head_size: int | None = None
+                      ) -> dict[str, np.ndarray]:
     """Zero-length ``past_key_values.*`` feeds for a first step (the generation loop's cache
     slots decide shapes and dtypes; imported here because generation builds on this module)."""
     from qcompile.runtimes.generation import cache_slots
 
-    return {slot.past: slot.empty(batch, None) for slot in cache_slots(session)}
+    return {slot.past: slot.empty(batch, head_size) for slot in cache_slots(session)}
 
 
 def with_extra_outputs(model_path: pathlib.Path, names: list[str], workdir: str) -> pathlib.Path:

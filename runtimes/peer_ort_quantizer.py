@@ -24,35 +24,65 @@ __all__ = ["quantize_with_ort", "ALGORITHMS"]
 ALGORITHMS = ("rtn", "hqq", "gptq")
 
 
+_PASS_THROUGH = ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze")
+
+
 def _lm_head_node(model: onnx.ModelProto) -> str:
-    """The MatMul that produces the logits (the graph output)."""
+    """The MatMul (or ORT's ``FusedMatMul``, which our fused export gives the tied lm_head)
+    that produces the logits, reached from the graph output through shape-only ops.
+
+    The walk stops at anything else: an earlier version walked through the final norm into
+    the last ``down_proj``, so the peer rows quantized that layer at 8 bits and left the
+    lm_head in float, while the table said the opposite.
+    """
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get(model.graph.output[0].name)
-    while node is not None and node.op_type != "MatMul":
+    while node is not None and node.op_type in _PASS_THROUGH:
         node = producers.get(node.input[0])
-    if node is None:
-        raise QcompileError("cannot find the lm_head MatMul in the fp32 model",
+    if node is None or node.op_type not in ("MatMul", "FusedMatMul"):
+        found = "nothing" if node is None else node.op_type
+        raise QcompileError(f"the logits come from {found}, not from an lm_head MatMul",
                             "pass a bundle compiled with --recipe fp32")
     return node.name
 
 
+def _initializer_of(model: onnx.ModelProto, name: str):
+    return next((t for t in model.graph.initializer if t.name == name), None)
+
+
 def _materialize_lm_head_weight(model: onnx.ModelProto, lm_head: str) -> None:
-    """Our fp32 export keeps the tied embedding once and feeds the lm_head through
-    ``Transpose``; ORT's quantizer only quantizes a MatMul whose weight is an initializer, so
-    give the lm_head its own transposed copy (as an untied export would have)."""
+    """Give the lm_head a plain ``MatMul`` on its own ``[K, N]`` initializer.
+
+    ORT's quantizer only quantizes a ``MatMul`` whose weight is an initializer. Our fp32
+    export keeps the tied embedding once and reads it transposed, either through a
+    ``Transpose`` or, after fusion, as ``FusedMatMul(transB=1)``; both become a ``MatMul`` on a
+    transposed copy (as an untied export would have).
+    """
     from onnx import numpy_helper
 
     node = next(n for n in model.graph.node if n.name == lm_head)
-    producer = next((n for n in model.graph.node if node.input[1] in n.output), None)
-    initializers = {t.name: t for t in model.graph.initializer}
-    if producer is None or producer.op_type != "Transpose" or \
-            producer.input[0] not in initializers:
-        return
-    weight = numpy_helper.to_array(initializers[producer.input[0]]).T.copy()
-    model.graph.initializer.append(numpy_helper.from_array(weight, "lm_head.weight_kn"))
+    if node.op_type == "FusedMatMul":
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight = _initializer_of(model, node.input[1])
+        plain = (attributes.get("transA", 0), attributes.get("transB", 0),
+                 attributes.get("alpha", 1.0)) == (0, 1, 1.0)
+        if weight is None or not plain:
+            raise QcompileError(f"cannot turn the lm_head {node.op_type} {attributes} into a "
+                                "MatMul on an initializer", "pass a bundle compiled with "
+                                "--recipe fp32 by this version of qcompile")
+        transposed = numpy_helper.to_array(weight).T.copy()
+        node.op_type, node.domain = "MatMul", ""
+        del node.attribute[:]
+    else:
+        producer = next((n for n in model.graph.node if node.input[1] in n.output), None)
+        if producer is None or producer.op_type != "Transpose" or \
+                _initializer_of(model, producer.input[0]) is None:
+            return
+        transposed = numpy_helper.to_array(_initializer_of(model, producer.input[0])).T.copy()
+        if not any(producer.output[0] in n.input for n in model.graph.node):
+            model.graph.node.remove(producer)
+    model.graph.initializer.append(numpy_helper.from_array(transposed, "lm_head.weight_kn"))
     node.input[1] = "lm_head.weight_kn"
-    if not any(producer.output[0] in n.input for n in model.graph.node):
-        model.graph.node.remove(producer)
 
 
 class _TokenWindows:

@@ -53,7 +53,7 @@ def test_per_ic_rtn_codes_in_range_and_close(bits, symmetric):
     lo, hi = (mid - (1 << (bits - 1)), mid + (1 << (bits - 1)) - 1) if symmetric \
         else (0, (1 << bits) - 1)
     assert lo <= int(q.codes.min()) and int(q.codes.max()) <= hi
-    step = q.scales.repeat_interleave(16, dim=0)[:40]  # each weight's own scale
+    step = q.scales.abs().repeat_interleave(16, dim=0)[:40]  # each weight's own step
     assert ((q.dequantize() - weight).abs() <= step * (1.0 if symmetric else 0.5) + 1e-6).all()
     # the transposed weight quantized per-OC is the same thing
     t = quantize_weight(weight.T, WeightQuantSpec(bits, 16, symmetric))

@@ -41,6 +41,8 @@ def test_default_model_compile_verify_eval(tmp_path):
     assert fp32 < ours < 1.6 * fp32  # RTN w4 g128 costs ~+30 % on this model
     assert abs(ours / reference - 1) < 0.005  # the artifact computes what the torch model does
 
+    _eval_without_report_matches(bundle, tmp_path, ppl["bundle_ort"]["perplexity"])
+
     assert report["parity"]["decode"]["tokens_equal"]
     assert report["graph"]["fusions"]["GroupQueryAttention"] == 30  # rotary + cache + attention
 
@@ -56,3 +58,19 @@ def test_default_model_compile_verify_eval(tmp_path):
     # the continuations may part after a while, but not at once
     assert len(texts["genai"].split()) >= 5
     assert texts["genai"].split()[:4] == texts["ort"].split()[:4]
+
+
+def _eval_without_report_matches(bundle, tmp_path, expected: float) -> None:
+    """A genai bundle without report.json (how the model builder's look) is scored through
+    ORT only, to the same figure, with nothing written into it; asking for the source fails."""
+    import shutil
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(bundle, foreign)
+    (foreign / "report.json").unlink()
+    result = run_cli("eval", str(foreign), "--windows", "2", "--seq-len", "256")
+    assert result.returncode == 2 and "--no-source" in result.stderr
+    result = run_cli("eval", str(foreign), "--windows", "2", "--seq-len", "256", "--no-source")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{expected:.3f}" in result.stdout
+    assert not (foreign / "report.json").exists()

@@ -9,7 +9,8 @@ from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
 
 def _scale_per_element(qw, k):
-    return qw.scales.repeat_interleave(qw.group_size, dim=1)[:, :k]
+    """The grid step of each element (symmetric scales may be negative)."""
+    return qw.scales.abs().repeat_interleave(qw.group_size, dim=1)[:, :k]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -19,10 +20,36 @@ def test_rtn_error_is_at_most_half_a_step(bits, symmetric):
     weight = torch.randn(16, 200)
     qw = quantize_weight(weight, WeightQuantSpec(bits, 64, symmetric))
     err = (qw.dequantize() - weight).abs()
-    # symmetric grids lose the top code on the positive side: allow one full step there
+    # symmetric grids put the extreme on -2^(b-1): the other side may clip by up to one step
     bound = _scale_per_element(qw, 200) * (1.0 if symmetric else 0.5) + 1e-6
     assert torch.all(err <= bound)
     assert int(qw.codes.max()) < (1 << qw.container_bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_symmetric_extreme_is_exact_and_every_code_is_used(bits):
+    torch.manual_seed(3)
+    weight = torch.randn(64, 128)
+    weight[::2] *= -1  # rows whose extreme is positive and rows whose extreme is negative
+    qw = quantize_weight(weight, WeightQuantSpec(bits, 32, symmetric=True))
+    back = qw.dequantize().reshape(64, 4, 32)
+    groups = weight.reshape(64, 4, 32)
+    extreme = groups.abs().argmax(-1, keepdim=True)
+    torch.testing.assert_close(back.gather(-1, extreme), groups.gather(-1, extreme))
+    assert bool((qw.scales < 0).any()) and bool((qw.scales > 0).any())
+    used = torch.unique(qw.codes).numel()
+    assert used == 1 << bits  # the most negative code holds the extreme, the rest the others
+
+
+def test_symmetric_beats_the_half_step_absmax_grid():
+    """The old grid (absmax / (2^(b-1) - 0.5), positive extreme clamped) wastes a code."""
+    weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(4))
+    qw = quantize_weight(weight, WeightQuantSpec(4, 32, symmetric=True))
+    groups = weight.reshape(256, 8, 32)
+    step = groups.abs().amax(-1, keepdim=True) / 7.5
+    old = (torch.clamp(torch.round(groups / step), -8, 7) * step).reshape(256, 256)
+    new_error = (qw.dequantize() - weight).pow(2).sum()
+    assert new_error < 0.9 * (old - weight).pow(2).sum()
 
 
 def test_more_bits_means_less_error():

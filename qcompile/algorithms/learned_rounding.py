@@ -118,7 +118,9 @@ class LearnedRoundingWeight(torch.nn.Module):
         zero = torch.full_like(start.scales, mid) if self.symmetric else start.zeros.float()
         self.register_buffer("weight", weight.clone())
         self.register_buffer("zero", zero.to(weight.device))
-        self.log_scale = torch.nn.Parameter(start.scales.log().to(weight.device),
+        # symmetric grids may have negative scales (see fit_group_params): learn the magnitude
+        self.register_buffer("scale_sign", start.scales.sign().to(weight.device))
+        self.log_scale = torch.nn.Parameter(start.scales.abs().log().to(weight.device),
                                             requires_grad=learn_grid)
 
     def division_logits(self) -> torch.Tensor:  # pragma: no cover - interface
@@ -130,14 +132,16 @@ class LearnedRoundingWeight(torch.nn.Module):
 
     def _codes(self, rounding: Callable[[torch.Tensor], torch.Tensor]):
         log_scale = self._per_weight(self.log_scale)
+        sign = self._per_weight(self.scale_sign)
         zero = self._per_weight(self.zero)
-        ratio = self.weight / torch.exp(log_scale + self.division_logits())
-        return torch.clamp(rounding(ratio) + zero, self.low, self.high), log_scale, zero
+        ratio = sign * self.weight / torch.exp(log_scale + self.division_logits())
+        return torch.clamp(rounding(ratio) + zero, self.low, self.high), sign * torch.exp(
+            log_scale), zero
 
     def forward(self) -> torch.Tensor:
         """The fake-quantized weight, differentiable through the straight-through rounding."""
-        codes, log_scale, zero = self._codes(round_ste)
-        return torch.exp(log_scale) * (codes - zero)
+        codes, scale, zero = self._codes(round_ste)
+        return scale * (codes - zero)
 
     @torch.no_grad()
     def export(self) -> QuantizedWeight:
@@ -145,7 +149,7 @@ class LearnedRoundingWeight(torch.nn.Module):
         codes, _, _ = self._codes(torch.round)
         zeros = None if self.symmetric else self.zero.to("cpu", torch.uint8)
         return QuantizedWeight(codes.to("cpu", torch.uint8),
-                               torch.exp(self.log_scale).to("cpu", torch.float32),
+                               (self.scale_sign * torch.exp(self.log_scale)).to("cpu", torch.float32),
                                zeros, self.bits, self.group_size)
 
 
