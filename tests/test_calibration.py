@@ -257,8 +257,10 @@ def test_sample_table_recipes_load_with_32_calibration_windows():
     from qcompile.recipes import load_recipe
 
     files = sorted((pathlib.Path(__file__).parents[1] / "samples" / "recipes").glob("*.yaml"))
-    assert len(files) >= 7
+    calibrated = [f for f in files if "-s32" in f.name]  # the rest are RTN comparisons
+    assert len(calibrated) >= 19 and len(files) > len(calibrated)
     for file in files:
         step = load_recipe(str(file)).steps[0]
-        assert step.options.calibration.samples == 32, file.name
         assert f"w{step.options.bits}" == file.name[:2], file.name
+        if file in calibrated:
+            assert step.options.calibration.samples == 32, file.name
