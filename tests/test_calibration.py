@@ -185,7 +185,7 @@ def test_calibration_peak_memory_does_not_grow_with_layers():
     four, sixteen = measure(4, samples=64), measure(16, samples=64)
     assert sixteen["weights"] == 4 * four["weights"]
     # keeping 12 more blocks' activations would add 12 activation sets (192 MiB); allow 3 for
-    # allocator noise (measured: 77.2 vs 80.3 MiB growth)
+    # allocator noise (measured: 53.6 vs 61.1 MiB growth with a fixed mmap threshold)
     assert sixteen["growth"] - four["growth"] < 3 * four["activation_set_bytes"], (four, sixteen)
 
 
