@@ -50,6 +50,39 @@ def _initializer_of(model: onnx.ModelProto, name: str):
     return next((t for t in model.graph.initializer if t.name == name), None)
 
 
+def _unfuse_lm_head(model: onnx.ModelProto, node: onnx.NodeProto):
+    """``FusedMatMul(x, E, transB=1)`` -> ``MatMul``; returns ``E^T`` for its new weight."""
+    from onnx import numpy_helper
+
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    weight = _initializer_of(model, node.input[1])
+    plain = (attributes.get("transA", 0), attributes.get("transB", 0),
+             attributes.get("alpha", 1.0)) == (0, 1, 1.0)
+    if weight is None or not plain:
+        raise QcompileError(f"cannot turn the lm_head {node.op_type} {attributes} into a "
+                            "MatMul on an initializer", "pass a bundle compiled with "
+                            "--recipe fp32 by this version of qcompile")
+    node.op_type, node.domain = "MatMul", ""
+    del node.attribute[:]
+    return numpy_helper.to_array(weight).T.copy()
+
+
+def _drop_lm_head_transpose(model: onnx.ModelProto, node: onnx.NodeProto):
+    """``MatMul(x, Transpose(E))``: returns ``E^T`` (None when the weight is not read that
+    way) and removes the ``Transpose`` once nothing else reads it."""
+    from onnx import numpy_helper
+
+    producer = next((n for n in model.graph.node if node.input[1] in n.output), None)
+    if producer is None or producer.op_type != "Transpose":
+        return None
+    weight = _initializer_of(model, producer.input[0])
+    if weight is None:
+        return None
+    if not any(producer.output[0] in n.input for n in model.graph.node if n is not node):
+        model.graph.node.remove(producer)
+    return numpy_helper.to_array(weight).T.copy()
+
+
 def _materialize_lm_head_weight(model: onnx.ModelProto, lm_head: str) -> None:
     """Give the lm_head a plain ``MatMul`` on its own ``[K, N]`` initializer.
 
@@ -61,26 +94,10 @@ def _materialize_lm_head_weight(model: onnx.ModelProto, lm_head: str) -> None:
     from onnx import numpy_helper
 
     node = next(n for n in model.graph.node if n.name == lm_head)
-    if node.op_type == "FusedMatMul":
-        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        weight = _initializer_of(model, node.input[1])
-        plain = (attributes.get("transA", 0), attributes.get("transB", 0),
-                 attributes.get("alpha", 1.0)) == (0, 1, 1.0)
-        if weight is None or not plain:
-            raise QcompileError(f"cannot turn the lm_head {node.op_type} {attributes} into a "
-                                "MatMul on an initializer", "pass a bundle compiled with "
-                                "--recipe fp32 by this version of qcompile")
-        transposed = numpy_helper.to_array(weight).T.copy()
-        node.op_type, node.domain = "MatMul", ""
-        del node.attribute[:]
-    else:
-        producer = next((n for n in model.graph.node if node.input[1] in n.output), None)
-        if producer is None or producer.op_type != "Transpose" or \
-                _initializer_of(model, producer.input[0]) is None:
-            return
-        transposed = numpy_helper.to_array(_initializer_of(model, producer.input[0])).T.copy()
-        if not any(producer.output[0] in n.input for n in model.graph.node):
-            model.graph.node.remove(producer)
+    unfuse = _unfuse_lm_head if node.op_type == "FusedMatMul" else _drop_lm_head_transpose
+    transposed = unfuse(model, node)
+    if transposed is None:
+        return
     model.graph.initializer.append(numpy_helper.from_array(transposed, "lm_head.weight_kn"))
     node.input[1] = "lm_head.weight_kn"
 
