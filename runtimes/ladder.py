@@ -25,6 +25,7 @@ from qcompile.models import load_model
 from qcompile.recipes import recipe_of_report
 from qcompile.runtimes import layer_taps
 from qcompile.runtimes.decoder_parity import decoder_parity
+from qcompile.runtimes.float_noise import float64_logits, float_noise_verdict
 from qcompile.runtimes.onnx_reference_runner import (MAX_REFERENCE_PARAMETERS, ReferenceRunner,
                                                       unsupported_ops)
 from qcompile.runtimes.ort_runner import OrtRunner, tempdir, with_extra_outputs
@@ -44,15 +45,26 @@ class StageOutcome:
     stats: dict
     passed: bool | None
     first_layer: dict | None = None
+    float_noise: dict | None = None
+
+    def describe_tolerance(self) -> str:
+        fixed = self.tolerance.describe()
+        if not self.float_noise:
+            return fixed
+        noise = self.float_noise
+        return (f"{fixed}, or vs float64 <= {noise['factor']:g}x torch fp32's "
+                f"{noise['torch_fp32_vs_fp64_rel_max']:.3g} (got "
+                f"{noise['runtime_vs_fp64_rel_max']:.3g})")
 
     def as_dict(self) -> dict:
         return {
             "stage": self.stage,
             "compared_with": self.compared_with,
-            "tolerance": self.tolerance.describe(),
+            "tolerance": self.describe_tolerance(),
             "passed": self.passed,
             **self.stats,
             **({"first_diverging_layer": self.first_layer} if self.first_layer else {}),
+            **({"float_noise": self.float_noise} if self.float_noise else {}),
         }
 
 
@@ -105,6 +117,7 @@ class _Ladder:
         self.runners: dict[str, object] = {}
         self.results: list[StageOutcome] = []
         self._layer_outputs: dict[str, list[np.ndarray] | None] = {}
+        self._float64: dict[str, np.ndarray] = {}
 
     def run(self, name: str, runner, against: str, tolerance: Tolerance) -> StageOutcome:
         with step(f"stage {name} (vs {against})"):
@@ -113,10 +126,25 @@ class _Ladder:
         stats = compare(self.outputs[name], self.outputs[against])
         passed = None if tolerance is QUALITY else tolerance.passes(stats)
         outcome = StageOutcome(name, against, tolerance, stats.as_dict(), passed)
+        if passed is False and tolerance is CLOSE:
+            outcome.float_noise = self.float_noise(name, against)
+            outcome.passed = passed = bool(outcome.float_noise and outcome.float_noise["passed"])
         if passed is False:
             outcome.first_layer = self.first_diverging_layer(name, against, tolerance)
         self.results.append(outcome)
         return outcome
+
+    def float_noise(self, name: str, against: str) -> dict | None:
+        """The float-noise verdict of :mod:`qcompile.runtimes.float_noise` (None: the reference
+        stage is not a captured graph, so it cannot be evaluated in float64)."""
+        module = getattr(self.runners[against], "module", None)
+        if not isinstance(module, torch.fx.GraphModule):
+            return None
+        if against not in self._float64:
+            with step(f"stage {against} in float64 (float32 rounding floor)"):
+                self._float64[against] = float64_logits(module, *self.inputs)
+        return float_noise_verdict(self.outputs[name], self.outputs[against],
+                                   self._float64[against], CLOSE.rel_max)
 
     def layer_outputs(self, name: str) -> list[np.ndarray] | None:
         """Each decoder layer's output for stage ``name`` (tapped once, then reused: both ORT

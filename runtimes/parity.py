@@ -15,7 +15,10 @@ quantized MatMul with int8 activations (``accuracy_level`` 4: ``MatMulNBits`` of
 target, and the fused ``DQ -> MatMulNBits`` of ``onnx-qdq``) the outputs cannot match float
 math to 1e-4; there the bound is relative L2 error <= 0.05 and top-1 agreement >= 0.90
 (measured on SmolLM2 w4 g128 with accuracy level 4: rel. L2 0.034 unfused / 0.040 fused,
-top-1 0.969). The default accuracy level is 0 (float32), which is held to 1e-4. A failing stage
+top-1 0.969). The default accuracy level is 0 (float32), which is held to 1e-4. Where a stage
+misses 1e-4 against a captured torch graph, it still passes if its distance from that graph
+evaluated in float64 is within 4x torch float32's own (:mod:`qcompile.runtimes.float_noise`:
+a 2-bit model's activations grow until float32 rounding alone exceeds 1e-4). A failing stage
 is localised to the first decoder layer whose output exceeds the same bound.
 """
 

@@ -1,0 +1,67 @@
+"""How much float32 rounding alone moves a stage's logits, measured against float64.
+
+A fixed bound (rel. max 1e-4) separates "same math" from "different math" while the model is
+well conditioned. A model quantized to 2 bits is not: its activations grow until float32's own
+rounding moves the logits by ~1e-4 (SmolLM2 w2 AdaDim-RTN: torch float32 is 8.1e-5 away from
+the same graph in float64, ORT 1.4e-4). There a runtime that sums in another order than torch
+fails the fixed bound without computing anything different.
+
+The ladder therefore asks, only when the fixed bound fails: is the runtime's distance from the
+float64 evaluation of the reference graph within ``FLOAT_NOISE_FACTOR`` times torch float32's
+own distance from it? Two float32 implementations of the same math differ by rounding of the
+same order; a wrong scale, code or op does not hide in that margin (codes are also checked
+exactly, elsewhere).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from qcompile.runtimes.parity import compare
+from qcompile.runtimes.torch_runner import TorchRunner, empty_past
+
+__all__ = ["FLOAT_NOISE_FACTOR", "float64_copy", "float64_logits", "float_noise_verdict"]
+
+#: how many times torch float32's own rounding error another float32 runtime may show
+FLOAT_NOISE_FACTOR = 4.0
+
+
+def float64_copy(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The same graph computing in float64: parameters, buffers and dtype arguments retyped,
+    and torch.export's dtype assertions (which pin float32) dropped."""
+    graph_module = copy.deepcopy(module).double()
+    for node in list(graph_module.graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph_module.graph.erase_node(node)
+            continue
+        if node.kwargs.get("dtype") is torch.float32:
+            node.kwargs = {**node.kwargs, "dtype": torch.float64}
+        node.args = tuple(torch.float64 if a is torch.float32 else a for a in node.args)
+    graph_module.recompile()
+    return graph_module
+
+
+def float64_logits(module: torch.fx.GraphModule, input_ids, attention_mask) -> np.ndarray:
+    """Logits of ``module`` evaluated in float64 (past cache inputs empty, in float64)."""
+    runner = TorchRunner(float64_copy(module))
+    past = [t.double() if t.is_floating_point() else t
+            for t in empty_past(module, len(input_ids))]
+    out = runner.raw(input_ids, attention_mask, past)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if out.dtype != torch.float64:
+        raise RuntimeError(f"the float64 copy computed {out.dtype}; a float32 op is left in it")
+    return out.detach().numpy()
+
+
+def float_noise_verdict(actual: np.ndarray, reference32: np.ndarray, reference64: np.ndarray,
+                        fixed_bound: float, factor: float = FLOAT_NOISE_FACTOR) -> dict:
+    """Whether ``actual`` is as close to the float64 truth as float32 rounding allows."""
+    floor = compare(reference32, reference64).rel_max
+    distance = compare(actual, reference64).rel_max
+    bound = max(fixed_bound, factor * floor)
+    return {"torch_fp32_vs_fp64_rel_max": float(f"{floor:.6g}"),
+            "runtime_vs_fp64_rel_max": float(f"{distance:.6g}"),
+            "bound": float(f"{bound:.6g}"), "factor": factor, "passed": distance <= bound}

@@ -1,0 +1,74 @@
+"""The float-noise fallback of the parity ladder: a runtime that misses 1e-4 passes only when it
+is as close to the float64 evaluation as float32 rounding allows, never when its math differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from qcompile.compiler import build_stages, compile_bundle
+from qcompile.models import load_model
+from qcompile.recipes import load_recipe
+from qcompile.runtimes.float_noise import float64_logits, float_noise_verdict
+from qcompile.runtimes.ladder import verification_inputs, verify_bundle
+from qcompile.runtimes.parity import compare
+from qcompile.runtimes.torch_runner import TorchRunner
+
+
+def test_verdict_accepts_rounding_of_the_same_order_and_rejects_more():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(2, 8, 64)) * 30
+    rounding = rng.normal(size=truth.shape) * 2e-3  # rel max ~1e-4 of the largest logit
+    torch32 = truth + rounding
+    same_order = truth + 2 * rng.normal(size=truth.shape) * 2e-3
+    ten_times = truth + 10 * rng.normal(size=truth.shape) * 2e-3
+    assert compare(same_order, torch32).rel_max > 1e-4  # the fixed bound alone would fail it
+    assert float_noise_verdict(same_order, torch32, truth, 1e-4)["passed"]
+    verdict = float_noise_verdict(ten_times, torch32, truth, 1e-4)
+    assert not verdict["passed"] and verdict["bound"] < verdict["runtime_vs_fp64_rel_max"]
+
+
+def test_verdict_keeps_the_fixed_bound_on_a_well_conditioned_model():
+    truth = np.linspace(-5, 5, 512).reshape(2, 4, 64)
+    torch32 = truth.astype(np.float32).astype(np.float64)  # ~1e-8: 4x of it is far below 1e-4
+    off = truth * (1 + 5e-5)
+    verdict = float_noise_verdict(off, torch32, truth, 1e-4)
+    assert verdict["bound"] == 1e-4 and verdict["passed"]
+    assert not float_noise_verdict(truth * (1 + 3e-4), torch32, truth, 1e-4)["passed"]
+
+
+def test_float64_copy_computes_the_same_quantized_graph_in_float64(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("llama")))
+    stages = build_stages(loaded, load_recipe("w4a16-rtn-g32"), keep_snapshots=True,
+                          timings={}, recapture=False)
+    lowered = stages.snapshots["lowered"]
+    ids, mask = verification_inputs(None, loaded.config.vocab_size)
+    logits32 = TorchRunner(lowered)(ids, mask)
+    logits64 = float64_logits(lowered, ids, mask)
+    assert logits64.dtype == np.float64
+    stats = compare(logits32, logits64)
+    assert 0 < stats.rel_max < 1e-5  # the same function, only the rounding differs
+    assert next(lowered.parameters(), torch.zeros(1)).dtype != torch.float64  # copy, not cast
+
+
+def test_a_slightly_wrong_scale_still_fails_verify(tiny_model_dir, tmp_path):
+    """Codes exact, one group's scale off by 1 %: the float-noise fallback must not pass it."""
+    bundle = tmp_path / "bundle"
+    compile_bundle(str(tiny_model_dir("llama")), "w4a16-rtn-g32", "ort", bundle,
+                   accuracy_level=0)
+    model = onnx.load(str(bundle / "model.onnx"))
+    name = "model.layers.1.mlp.down_proj.scales"
+    index = next(i for i, t in enumerate(model.graph.initializer) if t.name == name)
+    scales = numpy_helper.to_array(model.graph.initializer[index]).copy()
+    scales.reshape(-1)[:4] *= 1.01
+    model.graph.initializer[index].CopyFrom(numpy_helper.from_array(scales, name))
+    onnx.save(model, str(bundle / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data")
+    summary = verify_bundle(bundle)
+    assert not summary["passed"] and summary["integer_codes"]["mismatched"] == []
+    failing = next(s for s in summary["stages"] if s["stage"] == "ort-unfused")
+    assert failing["passed"] is False
+    assert failing["float_noise"]["runtime_vs_fp64_rel_max"] > failing["float_noise"]["bound"]
