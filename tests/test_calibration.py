@@ -257,10 +257,13 @@ def test_sample_table_recipes_load_with_32_calibration_windows():
     from qcompile.recipes import load_recipe
 
     files = sorted((pathlib.Path(__file__).parents[1] / "samples" / "recipes").glob("*.yaml"))
-    calibrated = [f for f in files if "-s32" in f.name]  # the rest are RTN comparisons
+    calibrated = [f for f in files if "-s32" in f.name]  # RTN and small-data comparisons aside
     assert len(calibrated) >= 19 and len(files) > len(calibrated)
     for file in files:
         step = load_recipe(str(file)).steps[0]
         assert f"w{step.options.bits}" == file.name[:2], file.name
         if file in calibrated:
             assert step.options.calibration.samples == 32, file.name
+        if "-s2x64" in file.name:  # the same tokens as the ORT GPTQ row
+            calibration = step.options.calibration
+            assert (calibration.samples, calibration.seq_len) == (2, 64), file.name
