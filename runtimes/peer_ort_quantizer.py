@@ -9,6 +9,7 @@ instead of the quantizer's default of 4 bits like every other MatMul.
 
 from __future__ import annotations
 
+
 import logging
 import pathlib
 import shutil
@@ -102,6 +103,25 @@ def _materialize_lm_head_weight(model: onnx.ModelProto, lm_head: str) -> None:
     node.input[1] = "lm_head.weight_kn"
 
 
+def _hide_from_gptq(model: onnx.ModelProto, lm_head: str) -> None:
+    """Keep ORT's GPTQ off the lm_head, so it gets the same 8-bit treatment as in the RTN and
+    HQQ rows. onnxruntime 1.32 applies ``nodes_to_exclude`` to RTN only; its GPTQ quantizes
+    every MatMul with an initializer input, so the weight is read through an ``Identity``
+    until :func:`_unhide` reconnects it."""
+    node = next(n for n in model.graph.node if n.name == lm_head)
+    identity = onnx.helper.make_node("Identity", [node.input[1]], [f"{node.input[1]}.hidden"],
+                                     name=f"{lm_head}/hidden_weight")
+    model.graph.node.insert(0, identity)
+    node.input[1] = identity.output[0]
+
+
+def _unhide(model: onnx.ModelProto, lm_head: str) -> None:
+    identity = next(n for n in model.graph.node if n.name == f"{lm_head}/hidden_weight")
+    node = next(n for n in model.graph.node if n.name == lm_head)
+    node.input[1] = identity.input[0]
+    model.graph.node.remove(identity)
+
+
 class _TokenWindows:
     """ORT's ``CalibrationDataReader`` over our calibration windows: one window per feed, with
     the empty past the first decoder step takes (copied by ORT's GPTQ, so plain iteration)."""
@@ -189,8 +209,12 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
     _materialize_lm_head_weight(model, lm_head)
     windows = _calibration_windows(fp32_bundle, samples, seq_len) if algo == "gptq" else None
     try:
+        if algo == "gptq":
+            _hide_from_gptq(model, lm_head)
         model = _quantize(model, algo, bits, block_size, symmetric, exclude=[lm_head],
                           windows=windows)
+        if algo == "gptq":
+            _unhide(model, lm_head)
     except ValueError as exc:
         if algo != "gptq" or symmetric:
             raise

@@ -71,3 +71,26 @@ def test_peer_finds_a_fused_lm_head_and_quantizes_it_not_the_last_layer(tiny_mod
     vocab = json.loads((fp32 / "genai_config.json").read_text())["model"]["vocab_size"]
     assert eight_bit == [vocab]
     assert not any(n.op_type == "FusedMatMul" for n in nodes)
+
+
+def test_peer_gptq_leaves_the_lm_head_to_the_8bit_treatment(tiny_model_dir, tmp_path,
+                                                           monkeypatch):
+    """onnxruntime 1.32's GPTQ ignores ``nodes_to_exclude`` and quantized the lm_head to 4 bits
+    itself; the peer must hide it so the GPTQ row treats the lm_head like the RTN/HQQ rows."""
+    import torch
+
+    from qcompile.runtimes import peer_ort_quantizer
+
+    fp32 = tmp_path / "fp32"
+    compile_bundle(str(tiny_model_dir("llama")), "fp32", "ort", fp32)
+    windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(peer_ort_quantizer, "_calibration_windows", lambda *a: list(windows))
+    peer = tmp_path / "peer"
+    quantize_with_ort(fp32, peer, "gptq", bits=4, block_size=32, symmetric=True)
+    model = onnx.load(str(peer / "model.onnx"), load_external_data=False)
+    bits_by_n = sorted((next(a.i for a in n.attribute if a.name == "bits"),
+                        next(a.i for a in n.attribute if a.name == "N"))
+                       for n in model.graph.node if n.op_type == "MatMulNBits")
+    vocab = json.loads((fp32 / "genai_config.json").read_text())["model"]["vocab_size"]
+    assert [b for b, _ in bits_by_n] == [4] * (2 * 7) + [8] and bits_by_n[-1][1] == vocab
+    assert not any(n.op_type == "Identity" for n in model.graph.node)
