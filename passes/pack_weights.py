@@ -6,6 +6,8 @@ Does the following transformation (the *lowered quant ops* stage of the parity l
     linear(x, W_fq, b)       ->  qcompile::linear_wNa16_per_ic(x, ...)   (per-IC groups, AdaDim)
     embedding(E_fq, ids)     ->  qcompile::embedding_wN(ids, packed, scales, zero_points, ...)
 
+A tied embedding quantized exactly like the lm_head reads the lm_head's packed tensors instead
+of its own copy, as onnxruntime-genai's builder does for its int4 models.
 using the integer form recorded by a quantization pass in ``node.meta["qcompile.qweight"]``,
 in the canonical packed layout (:mod:`qcompile.weight_format`). Float weights that no longer
 feed anything are dropped so they are not exported.
@@ -35,16 +37,43 @@ def _packed_tensors(qweight: QuantizedWeight, flat_rows: bool):
     return packed, qweight.scales.contiguous(), zeros
 
 
+def _same_weight(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    same_zeros = (a.zeros is None and b.zeros is None) or (
+        a.zeros is not None and b.zeros is not None and torch.equal(a.zeros, b.zeros))
+    return ((a.bits, a.group_size, a.axis) == (b.bits, b.group_size, b.axis)
+            and a.codes.shape == b.codes.shape and torch.equal(a.codes, b.codes)
+            and torch.equal(a.scales, b.scales) and same_zeros)
+
+
+def _tied_embedding_and_head(quantized, layers: dict):
+    """``(embedding node, lm_head node)`` when both hold the same integer weight (a tied model
+    quantized alike), so the embedding can read the lm_head's tensors; else None. Groups must
+    divide the hidden size, so the lm_head's ``[N, blocks, blob]`` rows are flat table rows."""
+    by_role = {layers.get(module_path(n), {}).get("role"): (n, q) for n, q in quantized}
+    if "embedding" not in by_role or "lm_head" not in by_role:
+        return None
+    (embedding, eq), (head, hq) = by_role["embedding"], by_role["lm_head"]
+    if eq.per_ic or not eq.group_size or eq.codes.shape[1] % eq.group_size \
+            or not _same_weight(eq, hq):
+        return None
+    return embedding, head
+
+
 @register_pass
 class PackWeights(QPass):
     name = "pack_weights"
     ladder_stage = "lowered"
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        for node in list(graph_module.graph.nodes):
-            qweight = node.meta.get(QWEIGHT_META)
-            if qweight is not None:
-                self._lower(graph_module, node, qweight)
+        quantized = [(n, n.meta[QWEIGHT_META]) for n in graph_module.graph.nodes
+                     if n.meta.get(QWEIGHT_META) is not None]
+        shared = _tied_embedding_and_head(quantized, self.context.layers)
+        for node, qweight in quantized:
+            if shared and node is shared[0]:
+                continue
+            self._lower(graph_module, node, qweight)
+        if shared:
+            self._lower_shared_embedding(graph_module, *shared)
         graph_module.graph.eliminate_dead_code()
         drop_unused_tensors(graph_module)
         graph_module.recompile()
@@ -61,6 +90,23 @@ class PackWeights(QPass):
                 set_buffer(gm, f"{path}.{name}", tensor)
                 attrs.append(gm.graph.get_attr(f"{path}.{name}"))
         return attrs
+
+    def _lower_shared_embedding(self, gm, embedding: torch.fx.Node, head: torch.fx.Node):
+        """The embedding reads the lm_head's packed tensors (the builder's tied int4 form): one
+        copy of the table in the file instead of two."""
+        qweight, head_path = embedding.meta[QWEIGHT_META], module_path(head)
+        with gm.graph.inserting_before(embedding):
+            attrs = [None if name == "zero_points" and qweight.zeros is None
+                     else gm.graph.get_attr(f"{head_path}.{name}")
+                     for name in ("qweight", "scales", "zero_points")]
+            args = (embedding.args[1], *attrs, qweight.bits, qweight.group_size,
+                    qweight.codes.shape[1])
+            new = gm.graph.call_function(torch.ops.qcompile.embedding_wN.default, args)
+        new.meta = {k: v for k, v in embedding.meta.items() if k != QWEIGHT_META}
+        embedding.replace_all_uses_with(new)
+        gm.graph.erase_node(embedding)
+        layer = self.context.layers.setdefault(module_path(embedding), {})
+        layer.update(bytes=0, shared_with=head_path)
 
     def _lower(self, gm, node: torch.fx.Node, qweight: QuantizedWeight) -> None:
         path = module_path(node)

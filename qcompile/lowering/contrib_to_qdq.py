@@ -105,12 +105,22 @@ def _lower_matmul_nbits(graph: ir.Graph, node: ir.Node) -> None:
     _replace(graph, node, nodes)
 
 
+def _table_rows(data: ir.Value) -> np.ndarray:
+    """The embedding table's constant rows, also when it is the lm_head's tensor shared through
+    a ``Reshape`` (see :mod:`qcompile.passes.pack_weights`)."""
+    producer = data.producer()
+    if data.const_value is None and producer is not None and producer.op_type == "Reshape":
+        shared = _const(producer.inputs[0])
+        return shared.reshape(shared.shape[0], -1)
+    return _const(data)
+
+
 def _lower_gather_block_quantized(graph: ir.Graph, node: ir.Node) -> None:
     data, ids, scales = node.inputs[0], node.inputs[1], node.inputs[2]
     zp = node.inputs[3] if len(node.inputs) > 3 else None
     name = data.name.removesuffix(".qweight").removesuffix("_qweight")
     if zp is None:
-        signed = (_const(data).astype(np.int16) - 128).astype(np.int8)
+        signed = (_table_rows(data).astype(np.int16) - 128).astype(np.int8)
         data = _initializer(graph, f"{name}.qweight_int8", signed)
     gathers = [ir.node("Gather", [t, ids], attributes={"axis": 0}) for t in (data, scales, zp)
                if t is not None]

@@ -22,6 +22,7 @@ from qcompile.capture import ExportSignature
 from qcompile.lowering.contrib_to_qdq import contrib_to_qdq, padded_per_channel_to_qdq
 from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
 from qcompile.lowering.pack_matmul_nbits import pack_sibling_matmuls
+from qcompile.lowering.shared_table import share_tied_tables
 from qcompile.lowering.targets import Target
 
 __all__ = ["export_onnx", "MODEL_FILE", "DATA_FILE", "OPSET"]
@@ -113,7 +114,7 @@ def export_onnx(
     if target.fuse:
         model, packs = pack_sibling_matmuls(model)
         fusions.update({"packed_matmul_nbits": packs} if packs else {})
-    model = _cleanup(model)
+    model = _cleanup(share_tied_tables(model))  # last: constant folding would copy it again
     model.producer_name = "qcompile"
     path = out_dir / MODEL_FILE
     ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)

@@ -6,7 +6,8 @@ onnxscript function for ``torch.onnx.export(..., custom_translation_table=...)``
 * ``qcompile::linear_wNa16``  -> ``com.microsoft::MatMulNBits`` (bits 2/4/8; 3-bit codes in a
   4-bit container; per-channel as one power-of-two block at least as long as K).
 * ``qcompile::embedding_wN``  -> ``com.microsoft::GatherBlockQuantized`` (uint8 data, rows
-  packed, ``gather_axis=0``, ``quantize_axis=1``).
+  packed, ``gather_axis=0``, ``quantize_axis=1``); a table shared with the lm_head is the
+  lm_head's ``[N, blocks, blob]`` tensor behind a ``Reshape`` to rows.
 * ``qcompile::group_query_attention`` -> ``com.microsoft::GroupQueryAttention`` with rotary
   inside (``do_rotary=1``, half-split), inputs and outputs in the op's order.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import onnxscript
 import torch
+from onnxscript import opset21 as op
 
 from qcompile import attention_op  # noqa: F401  (registers qcompile::group_query_attention)
 from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN, register_contrib_schemas
@@ -48,6 +50,9 @@ def ort_translation_table(accuracy_level: int) -> dict:
         )
 
     def embedding_wN(ids, packed, scales, zero_points, bits, block_size, embedding_dim):
+        if len(packed.shape) == 3:  # the lm_head's [N, blocks, blob] tensor, shared
+            rows = op.Constant(value_ints=[packed.shape[0], -1])
+            packed = op.Reshape(packed, rows)
         return _MSFT.GatherBlockQuantized(
             packed,
             ids,
