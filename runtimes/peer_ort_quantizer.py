@@ -199,6 +199,11 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
         raise QcompileError(f"ONNX Runtime's matmul_nbits_quantizer has no {bits}-bit mode "
                             f"(it supports {', '.join(map(str, ORT_BITS))} bits)",
                             "compare at 2, 4 or 8 bits; the qcompile w3 recipes have no ORT peer")
+    if algo == "gptq" and bits != 4:
+        # matmul_nbits_quantizer builds GPTQ's per-node config with bits=4 hard-coded: any
+        # other width would silently come out 4-bit under a wrong label
+        raise QcompileError(f"ONNX Runtime's GPTQ quantizes to 4 bits only, not {bits}",
+                            "use --bits 4 with --algo gptq, or --algo rtn/hqq for other widths")
     fp32_bundle, out_dir = pathlib.Path(fp32_bundle), pathlib.Path(out_dir)
     source_report = read_report(fp32_bundle)
     if source_report["recipe"]["passes"]:

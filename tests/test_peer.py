@@ -41,6 +41,8 @@ def test_peer_quantizes_body_4bit_and_tied_lm_head_8bit(tiny_model_dir, tmp_path
 def test_peer_refuses_widths_ort_cannot_quantize_before_reading_anything(tmp_path):
     with pytest.raises(QcompileError, match="has no 3-bit mode"):
         quantize_with_ort(tmp_path / "missing", tmp_path / "out", "rtn", bits=3)
+    with pytest.raises(QcompileError, match="GPTQ quantizes to 4 bits only, not 2"):
+        quantize_with_ort(tmp_path / "missing", tmp_path / "out", "gptq", bits=2)
     assert not (tmp_path / "out").exists()
 
 
