@@ -6,11 +6,12 @@ Does the following transformation (the *lowered quant ops* stage of the parity l
     linear(x, W_fq, b)       ->  qcompile::linear_wNa16_per_ic(x, ...)   (per-IC groups, AdaDim)
     embedding(E_fq, ids)     ->  qcompile::embedding_wN(ids, packed, scales, zero_points, ...)
 
-A tied embedding quantized exactly like the lm_head reads the lm_head's packed tensors instead
-of its own copy, as onnxruntime-genai's builder does for its int4 models.
 using the integer form recorded by a quantization pass in ``node.meta["qcompile.qweight"]``,
 in the canonical packed layout (:mod:`qcompile.weight_format`). Float weights that no longer
 feed anything are dropped so they are not exported.
+
+A tied embedding quantized exactly like the lm_head reads the lm_head's packed tensors instead
+of its own copy, as onnxruntime-genai's builder does for its int4 models.
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ def _tied_embedding_and_head(quantized, layers: dict):
     if "embedding" not in by_role or "lm_head" not in by_role:
         return None
     (embedding, eq), (head, hq) = by_role["embedding"], by_role["lm_head"]
-    if eq.per_ic or not eq.group_size or eq.codes.shape[1] % eq.group_size \
-            or not _same_weight(eq, hq):
+    if eq.per_ic or eq.codes.shape[1] % eq.group_size or not _same_weight(eq, hq):
         return None
     return embedding, head
 
@@ -72,8 +72,10 @@ class PackWeights(QPass):
             if shared and node is shared[0]:
                 continue
             self._lower(graph_module, node, qweight)
-        if shared:
-            self._lower_shared_embedding(graph_module, *shared)
+        if shared:  # last: the lm_head's buffers exist by now
+            embedding, head = shared
+            self._lower(graph_module, embedding, embedding.meta[QWEIGHT_META],
+                        shared_with=module_path(head))
         graph_module.graph.eliminate_dead_code()
         drop_unused_tensors(graph_module)
         graph_module.recompile()
@@ -91,31 +93,25 @@ class PackWeights(QPass):
                 attrs.append(gm.graph.get_attr(f"{path}.{name}"))
         return attrs
 
-    def _lower_shared_embedding(self, gm, embedding: torch.fx.Node, head: torch.fx.Node):
-        """The embedding reads the lm_head's packed tensors (the builder's tied int4 form): one
-        copy of the table in the file instead of two."""
-        qweight, head_path = embedding.meta[QWEIGHT_META], module_path(head)
-        with gm.graph.inserting_before(embedding):
-            attrs = [None if name == "zero_points" and qweight.zeros is None
-                     else gm.graph.get_attr(f"{head_path}.{name}")
-                     for name in ("qweight", "scales", "zero_points")]
-            args = (embedding.args[1], *attrs, qweight.bits, qweight.group_size,
-                    qweight.codes.shape[1])
-            new = gm.graph.call_function(torch.ops.qcompile.embedding_wN.default, args)
-        new.meta = {k: v for k, v in embedding.meta.items() if k != QWEIGHT_META}
-        embedding.replace_all_uses_with(new)
-        gm.graph.erase_node(embedding)
-        layer = self.context.layers.setdefault(module_path(embedding), {})
-        layer.update(bytes=0, shared_with=head_path)
+    def _shared_attrs(self, gm, node, head_path: str, qweight: QuantizedWeight) -> list:
+        """The lm_head's packed tensors, for a tied embedding that reads them (the builder's
+        int4 form: one copy of the table in the file instead of two)."""
+        with gm.graph.inserting_before(node):
+            return [None if name == "zero_points" and qweight.zeros is None
+                    else gm.graph.get_attr(f"{head_path}.{name}")
+                    for name in ("qweight", "scales", "zero_points")]
 
-    def _lower(self, gm, node: torch.fx.Node, qweight: QuantizedWeight) -> None:
+    def _lower(self, gm, node: torch.fx.Node, qweight: QuantizedWeight,
+               shared_with: str | None = None) -> None:
         path = module_path(node)
         is_embedding = node.target == torch.ops.aten.embedding.default
         if is_embedding and qweight.per_ic:
             raise ValueError(f"{path}: per-IC groups are for linear weights, not embeddings")
-        packed, scales, zeros = self._attrs(
-            gm, node, path, _packed_tensors(qweight, flat_rows=is_embedding)
-        )
+        if shared_with is None:
+            packed, scales, zeros = self._attrs(
+                gm, node, path, _packed_tensors(qweight, flat_rows=is_embedding))
+        else:
+            packed, scales, zeros = self._shared_attrs(gm, node, shared_with, qweight)
         n, k = qweight.codes.shape
         with gm.graph.inserting_before(node):
             if is_embedding:
@@ -131,4 +127,7 @@ class PackWeights(QPass):
         new.meta = {k2: v for k2, v in node.meta.items() if k2 != QWEIGHT_META}
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        self.context.layers.setdefault(path, {})["bytes"] = qweight.storage_bytes()
+        layer = self.context.layers.setdefault(path, {})
+        layer["bytes"] = 0 if shared_with else qweight.storage_bytes()
+        if shared_with:
+            layer["shared_with"] = shared_with

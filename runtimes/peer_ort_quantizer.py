@@ -9,7 +9,6 @@ instead of the quantizer's default of 4 bits like every other MatMul.
 
 from __future__ import annotations
 
-
 import logging
 import pathlib
 import shutil
