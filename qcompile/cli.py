@@ -294,6 +294,13 @@ def _print_bench(result: dict) -> None:
     console.print(f"engine: {result['engine']} ({result['engine_reason']}); ratios: decode "
                   "ours/theirs, prefill latency theirs/ours (> 1: ours faster), memory, cache "
                   "and size ours/theirs")
+    for label, key in (("decode", "decode_tok_s_ours_over_theirs"),
+                       ("prefill", "prefill_latency_theirs_over_ours")):
+        paired = result.get("paired", {}).get(key)
+        if paired:
+            console.print(f"{label}, paired by round: {paired['ratio']:.3f} (95 % interval "
+                          f"{paired['low']:.3f}-{paired['high']:.3f} over {paired['rounds']} "
+                          f"rounds): {paired['verdict']}")
 
 
 @cli.command()

@@ -7,8 +7,11 @@ reads its ``VmHWM``; see :func:`_peak_rss_bytes`). The worker starts without run
 that generation never uses), so the peak is the runtime's; ``baseline_rss_bytes`` is the bare
 interpreter's, before ONNX Runtime and the model are loaded. With two bundles the parent
 alternates runs (A, B, A, B, ...) between the two warm workers, so both share the machine's
-noise; each figure is the median of the runs after one warm-up run. Both bundles run on the
-same engine with the same thread count.
+noise; each figure is the median of the runs after one warm-up run, and the order flips every
+round (A B, B A, ...) so neither bundle always runs right after the other. The decode and
+prefill ratios also come as paired estimates with a 95 % interval
+(:func:`qcompile.runtimes.paired_ratio.paired_ratio`), which says whether a difference is larger
+than the machine's noise. Both bundles run on the same engine with the same thread count.
 """
 
 from __future__ import annotations
@@ -231,6 +234,21 @@ def _summary(bundle: pathlib.Path, runs: list[dict], stats: dict) -> dict:
     }
 
 
+def _paired(ours: dict, theirs: dict) -> dict:
+    """Per-round ratios (decode speed, prefill speed) with their interval; see paired_ratio."""
+    from qcompile.runtimes.paired_ratio import paired_ratio
+
+    def inverse(values):
+        return [1 / v if v else None for v in values]
+
+    return {
+        "decode_tok_s_ours_over_theirs": paired_ratio(ours["decode_tok_s_runs"],
+                                                      theirs["decode_tok_s_runs"]),
+        "prefill_latency_theirs_over_ours": paired_ratio(inverse(ours["prefill_ms_runs"]),
+                                                         inverse(theirs["prefill_ms_runs"])),
+    }
+
+
 def _ratios(ours: dict, theirs: dict) -> dict:
     def div(a, b):
         return a / b if a is not None and b else None
@@ -288,12 +306,19 @@ def bench(bundle, vs=None, engine: str = "auto", runs: int = 5,
     for role, path, runs_of, stat in zip(("ours", "theirs"), paths, timed, stats):
         result["bundles"][role] = _summary(path, runs_of, stat)
     if vs:
-        result["ratios"] = _ratios(result["bundles"]["ours"], result["bundles"]["theirs"])
+        ours, theirs = result["bundles"]["ours"], result["bundles"]["theirs"]
+        result["ratios"] = _ratios(ours, theirs)
+        result["paired"] = _paired(ours, theirs)
     return result
 
 
 def _interleave(workers: list[BenchWorker], runs: int) -> list[list[dict]]:
-    """One warm-up run each, then ``runs`` rounds of A, B, A, B ..."""
+    """One warm-up run each, then ``runs`` rounds: A B, then B A, and so on.
+
+    Flipping the order cancels a bias from running first or second in a round (a warmer
+    cache, a machine that is speeding up or slowing down). ``timed[i][r]`` is worker i's run
+    of round r, whatever its position within the round.
+    """
     from qcompile.console import progress_bar
 
     for worker in workers:
@@ -301,8 +326,9 @@ def _interleave(workers: list[BenchWorker], runs: int) -> list[list[dict]]:
     timed: list[list[dict]] = [[] for _ in workers]
     bar, task = progress_bar("timed runs", runs * len(workers))
     with bar:
-        for _ in range(runs):
-            for i, worker in enumerate(workers):
+        for round_index in range(runs):
+            order = list(enumerate(workers))
+            for i, worker in order[::-1] if round_index % 2 else order:
                 timed[i].append(worker.run())
                 bar.advance(task)
     return timed

@@ -39,16 +39,16 @@ def test_bench_vs_itself(tiny_bundle, tmp_path, capsys):  # noqa: F811
     (bundle / "report.json").write_text(json.dumps({"target": {"accuracy_level": 0}}))
     out = tmp_path / "bench.json"
     code, err = _cli(capsys, "bench", str(bundle), "--vs", str(tiny_bundle), "--engine", "ort",
-                     "--runs", "2", "--prompt-tokens", "12", "--new-tokens", "6",
+                     "--runs", "3", "--prompt-tokens", "12", "--new-tokens", "6",
                      "--threads", "1", "--json", str(out))
     assert code == 0, err
     result = json.loads(out.read_text())
-    assert result["engine"] == "ort" and result["threads"] == 1 and result["runs"] == 2
+    assert result["engine"] == "ort" and result["threads"] == 1 and result["runs"] == 3
     assert (result["prompt_tokens"], result["new_tokens"]) == (12, 6)
     for role in ("ours", "theirs"):
         data = result["bundles"][role]
         assert set(data) == BUNDLE_FIELDS
-        assert len(data["prefill_ms_runs"]) == 2 and len(data["decode_tok_s_runs"]) == 2
+        assert len(data["prefill_ms_runs"]) == 3 and len(data["decode_tok_s_runs"]) == 3
         assert data["prefill_ms"] > 0 and data["decode_tok_s"] > 0
         assert data["cache_bytes_per_token"] == TINY_CACHE_BYTES_PER_TOKEN
         assert data["peak_rss_bytes"] > data["baseline_rss_bytes"] > 0
@@ -58,6 +58,9 @@ def test_bench_vs_itself(tiny_bundle, tmp_path, capsys):  # noqa: F811
     assert ratios["model_bytes_ours_over_theirs"] == 1.0
     assert 0.8 < ratios["peak_rss_ours_over_theirs"] < 1.25  # same model, same engine
     assert all(math.isfinite(ratios[k]) and ratios[k] > 0 for k in RATIOS)
+    for key in ("decode_tok_s_ours_over_theirs", "prefill_latency_theirs_over_ours"):
+        paired = result["paired"][key]
+        assert paired["rounds"] == 3 and paired["low"] <= paired["ratio"] <= paired["high"]
     assert json.loads((bundle / "report.json").read_text())["bench"] == result
     assert "decode tokens/s" in err and "cache bytes/token" in err
 
