@@ -6,9 +6,9 @@ reads its ``VmHWM``; see :func:`_peak_rss_bytes`). The worker starts without run
 ``qcompile/__init__.py`` (which imports torch to register the ``qcompile::`` ops, ~300 MB of RSS
 that generation never uses), so the peak is the runtime's; ``baseline_rss_bytes`` is the bare
 interpreter's, before ONNX Runtime and the model are loaded. With two bundles the parent
-alternates runs (A, B, A, B, ...) between the two warm workers, so both share the machine's
-noise; each figure is the median of the runs after one warm-up run, and the order flips every
-round (A B, B A, ...) so neither bundle always runs right after the other. The decode and
+runs the two warm workers in rounds, one run each, so both share the machine's noise; the order
+flips every round (A B, B A, ...) so neither bundle always runs right after the other, and each
+figure is the median of the runs after one warm-up run. The decode and
 prefill ratios also come as paired estimates with a 95 % interval
 (:func:`qcompile.runtimes.paired_ratio.paired_ratio`), which says whether a difference is larger
 than the machine's noise. Both bundles run on the same engine with the same thread count.
@@ -220,13 +220,14 @@ def _summary(bundle: pathlib.Path, runs: list[dict], stats: dict) -> dict:
     from qcompile.runtimes.generation import bundle_cache_bytes_per_token, model_bytes
 
     prefill = [r["prefill_ms"] for r in runs]
-    decode = [r["decode_tok_s"] for r in runs if r["decode_tok_s"] is not None]
+    decode = [r["decode_tok_s"] for r in runs]  # None where a run had no timed decode step
+    measured = [v for v in decode if v is not None]
     return {
         "path": str(bundle),
         "prefill_ms": statistics.median(prefill),
-        "decode_tok_s": statistics.median(decode) if decode else None,
+        "decode_tok_s": statistics.median(measured) if measured else None,
         "prefill_ms_runs": [round(v, 3) for v in prefill],
-        "decode_tok_s_runs": [round(v, 3) for v in decode],
+        "decode_tok_s_runs": [None if v is None else round(v, 3) for v in decode],  # by round
         "peak_rss_bytes": stats["peak_rss_bytes"],
         "baseline_rss_bytes": stats["baseline_rss_bytes"],
         "cache_bytes_per_token": bundle_cache_bytes_per_token(bundle),
