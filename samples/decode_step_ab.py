@@ -14,13 +14,12 @@ Bundles with a quantized cache are not supported (the step feeds float past tens
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import statistics
 import time
 
 import numpy as np
 import onnxruntime as ort
+from qcompile.runtimes.generation import cache_slots, load_genai_config
 from qcompile.runtimes.paired_ratio import paired_ratio
 
 
@@ -31,18 +30,17 @@ def decode_session(bundle: str, past: int, threads: int):
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(f"{bundle}/model.onnx", options,
                                    providers=["CPUExecutionProvider"])
-    config = pathlib.Path(bundle, "genai_config.json").read_text()
-    decoder = json.loads(config)["model"]["decoder"]
-    kv_heads, head_size = decoder["num_key_value_heads"], decoder["head_size"]
+    head_size = load_genai_config(bundle)["model"]["decoder"]["head_size"]
     rng = np.random.default_rng(0)
-    feeds = {}
-    for spec in session.get_inputs():
-        if spec.name == "input_ids":
-            feeds[spec.name] = np.array([[42]], dtype=np.int64)
-        elif spec.name == "attention_mask":
-            feeds[spec.name] = np.ones((1, past + 1), dtype=np.int64)
-        elif spec.name.startswith("past_key_values."):
-            feeds[spec.name] = rng.random((1, kv_heads, past, head_size), dtype=np.float32)
+    feeds = {"input_ids": np.array([[42]], dtype=np.int64),
+             "attention_mask": np.ones((1, past + 1), dtype=np.int64)}
+    for slot in cache_slots(session):
+        if slot.dtype is not np.float32:
+            raise SystemExit(f"{bundle}: cache input {slot.past} is not float32 (a quantized "
+                             "cache); this A/B feeds float caches only, use qcompile bench")
+        shape = list(slot.empty(1, head_size).shape)
+        shape[slot.past_axis] = past
+        feeds[slot.past] = rng.random(shape, dtype=np.float32)
     return session, feeds
 
 
