@@ -31,7 +31,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.fx.passes.infra.pass_base import PassResult
 
-from qcompile import kv_codec
+from qcompile import kv_codec, kv_in_attention
 from qcompile.capture import CacheEntry, CacheLayout, ExportSignature
 from qcompile.console import progress_bar
 from qcompile.errors import QcompileError
@@ -40,9 +40,12 @@ from qcompile.pass_infra import QPass, register_pass
 
 __all__ = ["QuantizeKVCache", "KVOptions"]
 
-#: how a cache tensor is scaled: static per-channel ranges, dynamic per-token ranges, or
-#: per-token ranges over channels first normalised by their static ranges
-SCALINGS = ("per-channel", "per-token", "normalized-token")
+#: how a cache tensor is scaled: static per-channel ranges, dynamic per-token ranges,
+#: per-token ranges over channels first normalised by their static ranges, or ONNX Runtime's
+#: own static symmetric per-channel scales inside GroupQueryAttention (keys and values alike;
+#: the only form onnxruntime-genai can run, see :mod:`qcompile.kv_in_attention`)
+SCALINGS = ("per-channel", "per-token", "normalized-token", "symmetric-channel")
+IN_ATTENTION = "symmetric-channel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +73,17 @@ class KVOptions:
         for role in ("key", "value"):
             if getattr(self, role) not in SCALINGS:
                 raise QcompileError(f"{where}: {role} must be one of {', '.join(SCALINGS)}",
-                                    f"set {role}: per-channel, per-token or normalized-token")
+                                    f"set {role}: {', '.join(SCALINGS)}")
+        if IN_ATTENTION in (self.key, self.value) and (self.key != self.value
+                                                       or self.group_size):
+            raise QcompileError(f"{where}: {IN_ATTENTION} is GroupQueryAttention's own cache "
+                                "format and applies to keys and values together, without groups",
+                                f"set key: {IN_ATTENTION}, value: {IN_ATTENTION}, group_size: 0")
+
+    @property
+    def in_attention(self) -> bool:
+        """Whether ORT's GroupQueryAttention quantizes the cache (see kv_in_attention)."""
+        return self.key == IN_ATTENTION
 
 
 @register_pass
@@ -92,11 +105,16 @@ class QuantizeKVCache(QPass):
         if 0 < options.group_size < cache.head_dim and cache.head_dim % options.group_size:
             raise QcompileError(f"group_size {options.group_size} does not divide head_dim "
                                 f"{cache.head_dim}", "use a divisor of head_dim, or 0")
-        static = {"per-channel", "normalized-token"} & {options.key, options.value}
+        static = {"per-channel", "normalized-token", IN_ATTENTION} & {options.key, options.value}
         ranges = self._calibrate(graph_module) if static else None
-        layout = _quantized_layout(cache, options)
-        _Rewriter(graph_module, cache, options, ranges).rewrite()
-        _set_pytree_specs(graph_module, len(layout.flat_entries()))
+        if options.in_attention:
+            absmax = [torch.maximum(-low, high) for low, high in ranges]
+            layout = kv_in_attention.quantized_layout(cache, options.bits)
+            kv_in_attention.quantize_inside_attention(graph_module, absmax, options.bits)
+        else:
+            layout = _quantized_layout(cache, options)
+            _Rewriter(graph_module, cache, options, ranges).rewrite()
+            _set_pytree_specs(graph_module, len(layout.flat_entries()))
         graph_module.recompile()
         self.context.signature = ExportSignature(layout)
         graph_module.meta["qcompile.signature"] = self.context.signature
@@ -133,6 +151,8 @@ def _describe(options: KVOptions) -> str:
 
 def _describe_role(options: KVOptions, role: str) -> str:
     scaling = getattr(options, role)
+    if scaling == IN_ATTENTION:
+        return f"{scaling} (inside GroupQueryAttention)"
     if scaling != "per-channel" and options.group_size:
         return f"{scaling} g{options.group_size}"
     return scaling

@@ -30,6 +30,9 @@ attention mask):
 * Rotary is the half-split form: ``x[:R/2] * cos - x[R/2:R] * sin``,
   ``x[R/2:R] * cos + x[:R/2] * sin``; dims beyond ``R`` pass through.
 
+``qcompile::group_query_attention_quantized`` is the same op with ORT's static per-channel
+quantized cache (past and present are codes; see :mod:`qcompile.kv_in_attention`).
+
 The present length is ``P + S`` (what the fake implementation promises export); ORT writes
 ``max(total_sequence_length, P)``, the same number whenever the mask covers past and new.
 """
@@ -38,7 +41,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_query_attention", "rotate", "gqa_positions"]
+from qcompile import kv_codec
+
+__all__ = ["group_query_attention", "group_query_attention_quantized", "rotate",
+           "gqa_positions"]
 
 
 def gqa_positions(seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, seq: int):
@@ -77,6 +83,26 @@ def _append(past: torch.Tensor, new: torch.Tensor, past_lengths: torch.Tensor) -
     return present * (from_past | from_new)[:, None, :, None].to(present.dtype)
 
 
+def _rotated(query, key, cos_cache, sin_cache, positions, num_heads, kv_num_heads):
+    """Query and key heads ``[B, N, S, D]`` with rotary applied at ``positions``."""
+    table = positions.clamp(0, cos_cache.shape[0] - 1)
+    cos, sin = cos_cache[table], sin_cache[table]
+    return rotate(_heads(query, num_heads), cos, sin), rotate(_heads(key, kv_num_heads), cos, sin)
+
+
+def _attend(q, keys, values, positions, scale: float) -> torch.Tensor:
+    """Causal attention of ``q [B, H, S, D]`` over ``keys``/``values [B, Hkv, T, D]``."""
+    batch, heads, seq, _ = q.shape
+    group = heads // keys.shape[1]
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, keys.transpose(2, 3)).float() * scale
+    visible = torch.arange(keys.shape[2])[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).transpose(1, 2).reshape(batch, seq, -1)
+
+
 @torch.library.custom_op("qcompile::group_query_attention", mutates_args=())
 def group_query_attention(
     query: torch.Tensor,
@@ -92,22 +118,11 @@ def group_query_attention(
     kv_num_heads: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, seq, _ = query.shape
-    past_lengths, positions = gqa_positions(seqlens_k, total_sequence_length, seq)
-    table = positions.clamp(0, cos_cache.shape[0] - 1)
-    cos, sin = cos_cache[table], sin_cache[table]
-    q = rotate(_heads(query, num_heads), cos, sin)
-    k = rotate(_heads(key, kv_num_heads), cos, sin)
+    past_lengths, positions = gqa_positions(seqlens_k, total_sequence_length, query.shape[1])
+    q, k = _rotated(query, key, cos_cache, sin_cache, positions, num_heads, kv_num_heads)
     present_key = _append(past_key, k, past_lengths)
     present_value = _append(past_value, _heads(value, kv_num_heads), past_lengths)
-    group = num_heads // kv_num_heads
-    keys = present_key.repeat_interleave(group, dim=1)
-    values = present_value.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, keys.transpose(2, 3)).float() * scale
-    visible = torch.arange(keys.shape[2])[None, None, :] <= positions[:, :, None]  # [B, S, T]
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values).transpose(1, 2).reshape(batch, seq, -1)
+    out = _attend(q, present_key, present_value, positions, scale)
     return out, present_key, present_value
 
 
@@ -115,8 +130,55 @@ def group_query_attention(
 def _group_query_attention_fake(query, key, value, past_key, past_value, seqlens_k,
                                 total_sequence_length, cos_cache, sin_cache, num_heads,
                                 kv_num_heads, scale):
+    return _fake_outputs(query, past_key, past_value)
+
+
+def _fake_outputs(query, past_key, past_value):
     batch, seq, _ = query.shape
-    kv_heads, past, head = past_key.shape[1], past_key.shape[2], past_key.shape[3]
-    present = (batch, kv_heads, past + seq, head)
+    kv_heads, past, last = past_key.shape[1], past_key.shape[2], past_key.shape[3]
+    present = (batch, kv_heads, past + seq, last)
     return (query.new_empty(query.shape), past_key.new_empty(present),
             past_value.new_empty(present))
+
+
+@torch.library.custom_op("qcompile::group_query_attention_quantized", mutates_args=())
+def group_query_attention_quantized(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    total_sequence_length: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    num_heads: int,
+    kv_num_heads: int,
+    scale: float,
+    bits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op with ORT's static per-channel quantized cache (``k_quant_type`` =
+    ``v_quant_type`` = ``PER_CHANNEL``, ``kv_cache_bit_width`` = ``bits``): past and present
+    are codes (:func:`qcompile.kv_codec.quantize_symmetric`), ``k_scale`` / ``v_scale`` are
+    ``[Hkv * D]``; the new keys are quantized after rotary, and attention reads every
+    position, the current ones included, dequantized."""
+    past_lengths, positions = gqa_positions(seqlens_k, total_sequence_length, query.shape[1])
+    q, k = _rotated(query, key, cos_cache, sin_cache, positions, num_heads, kv_num_heads)
+    k_scale = k_scale.reshape(1, kv_num_heads, 1, -1)
+    v_scale = v_scale.reshape(1, kv_num_heads, 1, -1)
+    new_key = kv_codec.quantize_symmetric(k, k_scale, bits)
+    new_value = kv_codec.quantize_symmetric(_heads(value, kv_num_heads), v_scale, bits)
+    present_key = _append(past_key, new_key, past_lengths)
+    present_value = _append(past_value, new_value, past_lengths)
+    out = _attend(q, kv_codec.dequantize_symmetric(present_key, k_scale, bits),
+                  kv_codec.dequantize_symmetric(present_value, v_scale, bits), positions, scale)
+    return out, present_key, present_value
+
+
+@group_query_attention_quantized.register_fake
+def _group_query_attention_quantized_fake(query, key, value, past_key, past_value, seqlens_k,
+                                          total_sequence_length, cos_cache, sin_cache, k_scale,
+                                          v_scale, num_heads, kv_num_heads, scale, bits):
+    return _fake_outputs(query, past_key, past_value)

@@ -21,6 +21,7 @@ from qcompile.bundle import atomic_directory, check_output, directory_bytes, wri
 from qcompile.calibration_record import save_record
 from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step
+from qcompile.errors import QcompileError
 from qcompile.genai_config import write_genai_config
 from qcompile.lowering.export_onnx import DATA_FILE, MODEL_FILE, export_onnx
 from qcompile.lowering.targets import Target, get_target
@@ -59,13 +60,21 @@ def prepare_request(recipe_name: str, target_name: str) -> tuple[Recipe, Target]
 def attention_lowering(model, recipe: Recipe, target: Target) -> dict:
     """How attention is captured: ``{"kind": "group_query_attention"}``, or ``decomposed``
     with the reason. The op is ORT's (``ort`` target only: ``onnx-qdq`` stays standard ONNX)
-    and hides the ``cat(past, new)`` nodes that KV-cache quantization rewrites."""
+    and hides the ``cat(past, new)`` nodes that explicit KV-cache quantization rewrites; the
+    ``symmetric-channel`` cache (``+kv8-gqa``) is the op's own and needs it."""
+    kv_steps = [s for s in recipe.steps if s.name == "quantize_kv_cache"]
+    in_attention = any(s.options.in_attention for s in kv_steps)
     if not target.fuse:
         reason = f"target {target.name} is standard ONNX"
-    elif any(s.name == "quantize_kv_cache" for s in recipe.steps):
+    elif kv_steps and not in_attention:
         reason = "the KV cache is quantized"
     else:
         reason = unsupported_reason(model)
+    if reason and in_attention:
+        raise QcompileError(
+            f"recipe {recipe.name} quantizes the KV cache inside GroupQueryAttention, which "
+            f"this decoder cannot use: {reason}",
+            "use +kv8 / +kv4 (explicit cache quantization, any architecture and target)")
     return {"kind": DECOMPOSED, "reason": reason} if reason else {"kind": GQA}
 
 

@@ -2,10 +2,11 @@
 
 Written from the source model's config and the export signature, in the form the model
 builder writes (``model.decoder.inputs/outputs`` name patterns, head counts, context length,
-search defaults). A float cache is genai's own layout; a quantized cache (the KV-quant pass)
-is not something genai can feed (its cache inputs are integer codes plus scales, described in
-``report.json``), so such bundles run with qcompile's own generation loop. genai rejects
-unknown keys, so nothing qcompile-specific goes in this file.
+search defaults). A float cache is genai's own layout, and so is a cache that
+GroupQueryAttention quantizes itself (``+kv8-gqa``: past/present are codes, nothing else); the
+explicit quantized caches of the KV-quant pass are not (their cache inputs are codes plus
+scales, described in ``report.json``), so those bundles run with qcompile's own loop.
+genai rejects unknown keys, so nothing qcompile-specific goes in this file.
 """
 
 from __future__ import annotations

@@ -13,7 +13,13 @@ Two granularities:
   never re-quantizes the past.
 
 int4 codes pack two positions of ``head_dim`` per byte, low nibble first (the weight layout's
-rule). Everything is plain float arithmetic (round, clamp, floor) so that torch.onnx exports
+rule). A third form is ONNX Runtime's own (``GroupQueryAttention`` with ``k_quant_type`` /
+``v_quant_type`` ``PER_CHANNEL``): signed codes ``x ≈ code * scale`` with one static scale per
+(head, channel) for keys and values alike, int8 as ``int8``, int4 as ``code + 8`` packed low
+nibble first; :func:`quantize_symmetric` reproduces it (checked against the kernel in
+``tests/test_kv_cache_gqa.py``) so that onnxruntime-genai can run such caches.
+
+Everything is plain float arithmetic (round, clamp, floor) so that torch.onnx exports
 it as standard ONNX ops that every runtime computes identically to this reference.
 """
 
@@ -34,6 +40,9 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "packed_dim",
+    "symmetric_scale",
+    "quantize_symmetric",
+    "dequantize_symmetric",
 ]
 
 _EPS = 1e-8
@@ -129,3 +138,26 @@ def quantize_per_channel(x: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 
 def dequantize_per_channel(stored, scale, offset, bits: int) -> torch.Tensor:
     return _load(stored, bits) * scale + offset
+
+
+def _signed_range(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Calibrated per-(head, channel) ``|x|`` maxima -> scales mapping them to the largest
+    positive code (127 / 7), so nothing seen in calibration is clipped."""
+    return torch.clamp(absmax, min=_EPS) / _signed_range(bits)[1]
+
+
+def quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x [B, H, T, D]``, ``scale`` broadcastable (``[1, H, 1, D]``) -> ORT's stored codes:
+    ``int8`` ``[.., D]`` or, for int4, ``uint8`` ``[.., D/2]`` holding ``code + 8``."""
+    low, high = _signed_range(bits)
+    codes = torch.clamp(torch.round(x / scale), low, high)
+    return codes.to(torch.int8) if bits == 8 else pack_int4(codes - low)
+
+
+def dequantize_symmetric(stored: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    codes = stored.to(torch.float32) if bits == 8 else unpack_int4(stored) + _signed_range(4)[0]
+    return codes * scale

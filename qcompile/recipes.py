@@ -134,6 +134,10 @@ KV_MODIFIERS: dict[str, dict] = {
     "kv4-channel": {"bits": 4},
     "kv8-token": {"bits": 8, "key": "per-token"},
     "kv4-token": {"bits": 4, "key": "per-token"},
+    # ONNX Runtime's GroupQueryAttention quantizes the cache itself (static symmetric scales
+    # per channel for keys and values); the one form onnxruntime-genai runs
+    "kv8-gqa": {"bits": 8, "key": "symmetric-channel", "value": "symmetric-channel"},
+    "kv4-gqa": {"bits": 4, "key": "symmetric-channel", "value": "symmetric-channel"},
 }
 
 

@@ -85,18 +85,32 @@ def _graph_fits_genai(bundle: pathlib.Path) -> tuple[bool, str]:
         return False, f"cannot read the bundle: {exc}"
     formats = [decoder.get("inputs", {}).get(k, "") for k in ("past_key_names",
                                                                "past_value_names")]
+    in_attention = _quantized_in_attention(graph)
     for node in graph.input:
         if not node.name.startswith(PAST_PREFIX):
             continue
         elem = node.type.tensor_type.elem_type
-        if elem not in _FLOAT_TYPES:
+        if elem not in _FLOAT_TYPES and node.name not in in_attention:
             return False, (f"cache input {node.name} is "
                            f"{onnx.TensorProto.DataType.Name(elem).lower()} (a quantized "
-                           "cache); onnxruntime-genai only feeds float caches")
+                           "cache outside GroupQueryAttention); onnxruntime-genai only feeds "
+                           "float caches and the ones GroupQueryAttention quantizes")
         if not any(f and matches_format(f, node.name) for f in formats):
             return False, (f"cache input {node.name} is not one of genai_config's "
                            "past_key_names / past_value_names")
-    return True, "float KV cache named by genai_config.json"
+    kind = "quantized inside GroupQueryAttention" if in_attention else "float"
+    return True, f"{kind} KV cache named by genai_config.json"
+
+
+def _quantized_in_attention(graph) -> set[str]:
+    """Cache inputs that a ``GroupQueryAttention`` with ``kv_cache_bit_width`` reads as its
+    past key/value: genai binds them like float caches, the op quantizes."""
+    names: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention" and any(
+                a.name == "kv_cache_bit_width" and a.i for a in node.attribute):
+            names.update(node.input[3:5])
+    return names
 
 
 

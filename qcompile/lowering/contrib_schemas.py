@@ -16,6 +16,7 @@ MICROSOFT_DOMAIN = "com.microsoft"
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
 _INT = OpSchema.AttrType.INT
 _FLOAT = OpSchema.AttrType.FLOAT
+_STRING = OpSchema.AttrType.STRING
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
@@ -87,7 +88,8 @@ def _gather_block_quantized() -> OpSchema:
 
 
 def _group_query_attention() -> OpSchema:
-    """The inputs qcompile feeds (float cache, rotary tables); ORT's schema has more."""
+    """The inputs qcompile feeds (rotary tables; a float cache, or integer codes with static
+    per-channel ``k_scale`` / ``v_scale``); ORT's schema has more."""
     return OpSchema(
         "GroupQueryAttention",
         MICROSOFT_DOMAIN,
@@ -96,16 +98,23 @@ def _group_query_attention() -> OpSchema:
             _param("query", "T"),
             _param("key", "T", optional=True),
             _param("value", "T", optional=True),
-            _param("past_key", "T", optional=True),
-            _param("past_value", "T", optional=True),
+            _param("past_key", "C", optional=True),
+            _param("past_value", "C", optional=True),
             _param("seqlens_k", "M"),
             _param("total_sequence_length", "M"),
             _param("cos_cache", "T", optional=True),
             _param("sin_cache", "T", optional=True),
+            _param("position_ids", "P", optional=True),
+            _param("attention_bias", "T", optional=True),
+            _param("head_sink", "T", optional=True),
+            _param("k_scale", "T", optional=True),
+            _param("v_scale", "T", optional=True),
         ],
-        outputs=[_param("output", "T"), _param("present_key", "T"),
-                 _param("present_value", "T")],
-        type_constraints=[("T", _FLOATS, ""), ("M", ["tensor(int32)"], "")],
+        outputs=[_param("output", "T"), _param("present_key", "C"),
+                 _param("present_value", "C")],
+        type_constraints=[("T", _FLOATS, ""), ("M", ["tensor(int32)"], ""),
+                          ("P", ["tensor(int64)"], ""),
+                          ("C", [*_FLOATS, "tensor(int8)", "tensor(uint8)"], "")],
         attributes=[
             _attr("num_heads", True),
             _attr("kv_num_heads", True),
@@ -113,6 +122,9 @@ def _group_query_attention() -> OpSchema:
             _attr("do_rotary"),
             _attr("rotary_interleaved"),
             _attr("local_window_size"),
+            _attr("k_quant_type", kind=_STRING),
+            _attr("v_quant_type", kind=_STRING),
+            _attr("kv_cache_bit_width"),
         ],
     )
 

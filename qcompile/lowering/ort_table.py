@@ -9,7 +9,9 @@ onnxscript function for ``torch.onnx.export(..., custom_translation_table=...)``
   packed, ``gather_axis=0``, ``quantize_axis=1``); a table shared with the lm_head is the
   lm_head's ``[N, blocks, blob]`` tensor behind a ``Reshape`` to rows.
 * ``qcompile::group_query_attention`` -> ``com.microsoft::GroupQueryAttention`` with rotary
-  inside (``do_rotary=1``, half-split), inputs and outputs in the op's order.
+  inside (``do_rotary=1``, half-split), inputs and outputs in the op's order;
+  ``qcompile::group_query_attention_quantized`` adds the static per-channel ``k_scale`` /
+  ``v_scale`` inputs and ``k_quant_type`` / ``v_quant_type`` / ``kv_cache_bit_width``.
 
 ``accuracy_level`` picks MatMulNBits' compute type: 0/1 float32 (bit-faithful to the torch
 reference), 4 int8 activations per block (the fast path the genai model builder uses).
@@ -68,25 +70,31 @@ def ort_translation_table(accuracy_level: int) -> dict:
         torch.ops.qcompile.linear_wNa16.default: linear_wNa16,
         torch.ops.qcompile.embedding_wN.default: embedding_wN,
         torch.ops.qcompile.group_query_attention.default: group_query_attention,
+        torch.ops.qcompile.group_query_attention_quantized.default:
+            group_query_attention_quantized,
     }
 
 
 def group_query_attention(query, key, value, past_key, past_value, seqlens_k,
                           total_sequence_length, cos_cache, sin_cache, num_heads, kv_num_heads,
                           scale):
-    return _MSFT.GroupQueryAttention(
-        query,
-        key,
-        value,
-        past_key,
-        past_value,
-        seqlens_k,
-        total_sequence_length,
-        cos_cache,
-        sin_cache,
-        num_heads=num_heads,
-        kv_num_heads=kv_num_heads,
-        scale=scale,
-        do_rotary=1,
-        rotary_interleaved=0,
-    )
+    inputs = (query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+              cos_cache, sin_cache)
+    return _group_query_attention(inputs, num_heads, kv_num_heads, scale)
+
+
+def group_query_attention_quantized(query, key, value, past_key, past_value, seqlens_k,
+                                    total_sequence_length, cos_cache, sin_cache, k_scale,
+                                    v_scale, num_heads, kv_num_heads, scale, bits):
+    # position_ids, attention_bias and head_sink come between the rotary tables and scales
+    inputs = (query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+              cos_cache, sin_cache, None, None, None, k_scale, v_scale)
+    return _group_query_attention(inputs, num_heads, kv_num_heads, scale,
+                                  k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL",
+                                  kv_cache_bit_width=bits)
+
+
+def _group_query_attention(inputs, num_heads, kv_num_heads, scale, **quantized_cache):
+    return _MSFT.GroupQueryAttention(*inputs, num_heads=num_heads, kv_num_heads=kv_num_heads,
+                                     scale=scale, do_rotary=1, rotary_interleaved=0,
+                                     **quantized_cache)

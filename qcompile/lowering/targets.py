@@ -37,7 +37,13 @@ class Target:
     fuse: bool = False
 
     def check(self, recipe) -> None:
-        """Refuse recipes whose weight formats this target cannot express."""
+        """Refuse recipes whose weight or cache formats this target cannot express."""
+        if not self.fuse and any(s.name == "quantize_kv_cache" and s.options.in_attention
+                                 for s in recipe.steps):
+            raise QcompileError(
+                f"target {self.name} is standard ONNX; recipe {recipe.name} quantizes the KV "
+                "cache inside ONNX Runtime's GroupQueryAttention",
+                "use --target ort, or +kv8 / +kv4 (explicit cache quantization)")
         options = recipe.weight_options()
         if options is None:
             return
