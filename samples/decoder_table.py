@@ -6,9 +6,11 @@ model builder, and KV-cache quantization (cache bytes per token, perplexity thro
 Steps, all through the qcompile CLI:
 1. the builder's own exports (``-p fp32`` and ``-p int4``) of the same model;
 2. qcompile bundles fp32, w8a16-rtn, w4a16-rtn (accuracy level 0 and 4), w4a16-rtn+kv8,
-   w4a16-rtn+kv4, each verified (parity ladder + 32-token decoder parity) and evaluated;
+   w4a16-rtn+kv4, and GPTQ in the builder's int4 format with a float and a ``+kv8-gqa``
+   cache, each verified (parity ladder + 32-token decoder parity) and evaluated;
 3. ``qcompile bench`` of each qcompile bundle ``--vs`` the builder bundle of the same kind,
-   one invocation each (runs interleaved), and ``qcompile eval`` of the builder bundles.
+   one invocation each (runs interleaved; the GPTQ pair also with a 1,536-token prompt), and
+   ``qcompile eval`` of the builder bundles.
 Results: OUT/decoder.json and OUT/decoder.md.
 """
 
@@ -27,7 +29,15 @@ BUNDLES = [  # (name, recipe, accuracy level, builder peer to bench against)
     ("w4-g128+kv8", "w4a16-rtn+kv8", 0, None),
     ("w4-g128+kv4", "w4a16-rtn+kv4", 0, None),
     ("w4-g128-level4", "w4a16-rtn", 4, "builder-int4"),
+    # the builder's own int4 format with GPTQ weights, float cache and int8 cache inside
+    # GroupQueryAttention (the one quantized cache onnxruntime-genai runs)
+    ("gptq-s32", "samples/recipes/w4-gptq-sym-g32-head4-s32.yaml", 4, "builder-int4"),
+    ("gptq-s32+kv8-gqa", "samples/recipes/w4-gptq-sym-g32-head4-s32.yaml+kv8-gqa", 4,
+     "builder-int4"),
 ]
+#: bundles also benched with a long prompt, where cache reads weigh on each decode step
+LONG_PROMPT_TOKENS = 1536
+LONG_PROMPT = ("gptq-s32", "gptq-s32+kv8-gqa")
 
 
 def run(*command: str) -> None:
@@ -93,6 +103,11 @@ def main() -> None:
             qcompile("bench", str(bundle), "--vs", str(peers[peer]), "--runs", str(args.runs),
                      "--json", str(args.out / f"bench-{name}.json"))
             results["bench"][name] = json.loads((args.out / f"bench-{name}.json").read_text())
+        if peer and name in LONG_PROMPT:
+            long_json = args.out / f"bench-{name}-p{LONG_PROMPT_TOKENS}.json"
+            qcompile("bench", str(bundle), "--vs", str(peers[peer]), "--runs", str(args.runs),
+                     "--prompt-tokens", str(LONG_PROMPT_TOKENS), "--json", str(long_json))
+            results["bench"][f"{name}-p{LONG_PROMPT_TOKENS}"] = json.loads(long_json.read_text())
     for name, bundle in peers.items():
         results["builder_perplexity"][name] = builder_perplexity(bundle, args.windows)
     (args.out / "decoder.json").write_text(json.dumps(results, indent=2))

@@ -74,3 +74,36 @@ def _eval_without_report_matches(bundle, tmp_path, expected: float) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{expected:.3f}" in result.stderr  # the console (tables, progress) is stderr
     assert not (foreign / "report.json").exists()
+
+
+_BUILDER_FORMAT_RTN = """\
+name: w4-rtn-sym-g32-head4
+passes:
+  - quantize_weights_rtn: {bits: 4, group_size: 32, symmetric: true,
+      lm_head: {bits: 4, group_size: 32, symmetric: true},
+      embedding: {bits: 4, group_size: 32, symmetric: true}}
+  - pack_weights
+"""
+
+
+def test_int8_cache_inside_attention_runs_in_genai(tmp_path):
+    """``+kv8-gqa``: the int8 cache is GroupQueryAttention's own, so onnxruntime-genai runs the
+    bundle (sharing one buffer as past and present) and generates what qcompile's loop does."""
+    recipe = tmp_path / "w4-rtn-sym-g32-head4.yaml"
+    recipe.write_text(_BUILDER_FORMAT_RTN)
+    bundle = tmp_path / "smol-kv8-gqa"
+    result = run_cli("compile", "-r", f"{recipe}+kv8-gqa", "--accuracy-level", "4",
+                     "-o", str(bundle))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((bundle / "report.json").read_text())
+    assert report["layers"]["kv_cache"]["bytes_per_token"] == 30 * 2 * 3 * 64  # int8 codes
+    assert report["graph"]["fusions"]["GroupQueryAttention"] == 30
+    texts = {}
+    for engine in ("genai", "ort"):
+        result = run_cli("generate", str(bundle), "The capital of France is",
+                         "--max-new-tokens", "32", "--engine", engine)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"engine: {engine}" in result.stderr
+        texts[engine] = result.stdout
+    assert len(texts["genai"].split()) >= 10
+    assert texts["genai"] == texts["ort"]  # every weight is MatMulNBits at level 4 in both
