@@ -43,7 +43,7 @@ from qcompile.errors import QcompileError
 from qcompile.fx_utils import set_buffer
 from qcompile.pass_infra import QPass, register_pass
 
-__all__ = ["QuantizeKVCache", "KVOptions"]
+__all__ = ["QuantizeKVCache", "KVOptions", "describe"]
 
 #: how a cache tensor is scaled: static per-channel ranges, dynamic per-token ranges,
 #: per-token ranges over channels first normalised by their static ranges, or ONNX Runtime's
@@ -124,7 +124,7 @@ class QuantizeKVCache(QPass):
         self.context.signature = ExportSignature(layout)
         graph_module.meta["qcompile.signature"] = self.context.signature
         self.context.layers["kv_cache"] = {
-            "role": "kv_cache", "format": _describe(options),
+            "role": "kv_cache", "format": describe(options),
             "bytes_per_token": layout.bytes_per_token(),
             "float_bytes_per_token": cache.bytes_per_token()}
         return PassResult(graph_module, True)
@@ -149,7 +149,8 @@ class QuantizeKVCache(QPass):
         return list(zip(lows, highs))
 
 
-def _describe(options: KVOptions) -> str:
+def describe(options: KVOptions) -> str:
+    """One line for report.json and ``qcompile recipes``: bits and each tensor's scaling."""
     if options.in_attention:
         return (f"int{options.bits} keys and values, static symmetric scales per channel, "
                 "inside GroupQueryAttention")

@@ -305,11 +305,15 @@ def _print_bench(result: dict) -> None:
 
 @cli.command()
 def recipes() -> None:
-    """List the built-in recipes."""
-    from qcompile.recipes import BUILTIN_RECIPES
+    """List the built-in recipes and the KV-cache modifiers any recipe takes."""
+    from qcompile.passes.quantize_kv_cache import KVOptions, describe
+    from qcompile.recipes import BUILTIN_RECIPES, KV_MODIFIERS
 
     for name, data in BUILTIN_RECIPES.items():
         click.echo(f"{name:16s} {data['description']}")
+    click.echo("\nKV-cache modifiers, appended to any recipe (w4a16-rtn+kv8, my.yaml+kv4):")
+    for name, options in KV_MODIFIERS.items():
+        click.echo(f"+{name:15s} {describe(KVOptions(**options))}")
 
 
 def main(argv=None) -> None:

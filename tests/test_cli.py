@@ -22,6 +22,7 @@ def test_recipes_lists_builtins():
     result = run_cli("recipes")
     assert result.returncode == 0
     assert "w4a16-rtn" in result.stdout and "w8a16-rtn" in result.stdout
+    assert "+kv8-gqa         int8 keys and values" in result.stdout  # the modifiers, described
 
 
 @pytest.mark.parametrize("args,message", [
