@@ -43,7 +43,7 @@ from qcompile.errors import QcompileError
 from qcompile.fx_utils import set_buffer
 from qcompile.pass_infra import QPass, register_pass
 
-__all__ = ["QuantizeKVCache", "KVOptions", "describe"]
+__all__ = ["KVOptions", "QuantizeKVCache", "describe"]
 
 #: how a cache tensor is scaled: static per-channel ranges, dynamic per-token ranges,
 #: per-token ranges over channels first normalised by their static ranges, or ONNX Runtime's
