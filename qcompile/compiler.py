@@ -62,11 +62,11 @@ def attention_lowering(model, recipe: Recipe, target: Target) -> dict:
     with the reason. The op is ORT's (``ort`` target only: ``onnx-qdq`` stays standard ONNX)
     and hides the ``cat(past, new)`` nodes that explicit KV-cache quantization rewrites; the
     ``symmetric-channel`` cache (``+kv8-gqa``) is the op's own and needs it."""
-    kv_steps = [s for s in recipe.steps if s.name == "quantize_kv_cache"]
-    in_attention = any(s.options.in_attention for s in kv_steps)
+    kv_cache = recipe.kv_cache_options()
+    in_attention = kv_cache is not None and kv_cache.in_attention
     if not target.fuse:
         reason = f"target {target.name} is standard ONNX"
-    elif kv_steps and not in_attention:
+    elif kv_cache is not None and not in_attention:
         reason = "the KV cache is quantized"
     else:
         reason = unsupported_reason(model)

@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from qcompile import attention_op, kv_codec
+from qcompile import attention_op, kv_codec  # noqa: F401  (attention_op registers the ops)
 from qcompile.capture import CacheEntry, CacheLayout
 from qcompile.errors import QcompileError
 from qcompile.fx_utils import call_nodes, set_buffer
@@ -28,7 +28,6 @@ __all__ = ["quantize_inside_attention", "quantized_layout"]
 
 _FLOAT_OP = torch.ops.qcompile.group_query_attention.default
 _QUANTIZED_OP = torch.ops.qcompile.group_query_attention_quantized.default
-assert attention_op  # the ops above are registered by importing it
 
 
 def quantized_layout(cache: CacheLayout, bits: int) -> CacheLayout:

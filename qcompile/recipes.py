@@ -57,6 +57,13 @@ class Recipe:
                 return step.options
         return None
 
+    def kv_cache_options(self):
+        """Options of the KV-cache quantization step, if any (for capability checks)."""
+        for step in self.steps:
+            if step.name == KV_CACHE_PASS:
+                return step.options
+        return None
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -124,6 +131,8 @@ BUILTIN_RECIPES.update({
 })
 
 
+#: the pass a ``+kv...`` modifier appends
+KV_CACHE_PASS = "quantize_kv_cache"
 #: ``<recipe>+<modifier>`` appends a KV-cache quantization step to any recipe
 KV_MODIFIERS: dict[str, dict] = {
     "kv8": {"bits": 8},
@@ -206,10 +215,10 @@ def _with_kv_modifier(recipe: Recipe, modifier: str) -> Recipe:
     if modifier not in KV_MODIFIERS:
         raise QcompileError(f"unknown recipe modifier +{modifier}",
                             f"KV-cache modifiers: {', '.join('+' + m for m in KV_MODIFIERS)}")
-    if any(step.name == "quantize_kv_cache" for step in recipe.steps):
+    if recipe.kv_cache_options() is not None:
         raise QcompileError(f"recipe {recipe.name} already quantizes the KV cache",
                             f"drop +{modifier}")
-    step = _parse_step({"quantize_kv_cache": KV_MODIFIERS[modifier]}, f"+{modifier}")
+    step = _parse_step({KV_CACHE_PASS: KV_MODIFIERS[modifier]}, f"+{modifier}")
     description = f"{recipe.description}; {step.options.bits}-bit KV cache"
     return Recipe(f"{recipe.name}+{modifier}", description, (*recipe.steps, step), recipe.source)
 

@@ -46,18 +46,24 @@ def test_default_model_compile_verify_eval(tmp_path):
     assert report["parity"]["decode"]["tokens_equal"]
     assert report["graph"]["fusions"]["GroupQueryAttention"] == 30  # rotary + cache + attention
 
-    texts = {}
-    for engine in ("genai", "ort"):
-        result = run_cli("generate", str(bundle), "The capital of France is",
-                         "--max-new-tokens", "16", "--engine", engine)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert f"engine: {engine}" in result.stderr
-        texts[engine] = result.stdout
+    texts = _generate_with_both_engines(bundle, 16)
     # genai cannot set ORT's session option for the DQ-fused lm_head's compute type, so it runs
     # it at ORT's default (int8 activations) while the own loop uses the bundle's level 0:
     # the continuations may part after a while, but not at once
     assert len(texts["genai"].split()) >= 5
     assert texts["genai"].split()[:4] == texts["ort"].split()[:4]
+
+
+def _generate_with_both_engines(bundle, new_tokens: int) -> dict[str, str]:
+    """``qcompile generate`` of one prompt with onnxruntime-genai and with the own loop."""
+    texts = {}
+    for engine in ("genai", "ort"):
+        result = run_cli("generate", str(bundle), "The capital of France is",
+                         "--max-new-tokens", str(new_tokens), "--engine", engine)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"engine: {engine}" in result.stderr
+        texts[engine] = result.stdout
+    return texts
 
 
 def _eval_without_report_matches(bundle, tmp_path, expected: float) -> None:
@@ -98,12 +104,6 @@ def test_int8_cache_inside_attention_runs_in_genai(tmp_path):
     report = json.loads((bundle / "report.json").read_text())
     assert report["layers"]["kv_cache"]["bytes_per_token"] == 30 * 2 * 3 * 64  # int8 codes
     assert report["graph"]["fusions"]["GroupQueryAttention"] == 30
-    texts = {}
-    for engine in ("genai", "ort"):
-        result = run_cli("generate", str(bundle), "The capital of France is",
-                         "--max-new-tokens", "32", "--engine", engine)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert f"engine: {engine}" in result.stderr
-        texts[engine] = result.stdout
+    texts = _generate_with_both_engines(bundle, 32)
     assert len(texts["genai"].split()) >= 10
     assert texts["genai"] == texts["ort"]  # every weight is MatMulNBits at level 4 in both

@@ -38,8 +38,8 @@ class Target:
 
     def check(self, recipe) -> None:
         """Refuse recipes whose weight or cache formats this target cannot express."""
-        if not self.fuse and any(s.name == "quantize_kv_cache" and s.options.in_attention
-                                 for s in recipe.steps):
+        kv_cache = recipe.kv_cache_options()
+        if not self.fuse and kv_cache is not None and kv_cache.in_attention:
             raise QcompileError(
                 f"target {self.name} is standard ONNX; recipe {recipe.name} quantizes the KV "
                 "cache inside ONNX Runtime's GroupQueryAttention",
