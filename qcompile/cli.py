@@ -108,7 +108,8 @@ def verify(bundle, source) -> None:
 
 @cli.command(name="eval")
 @click.argument("bundle", type=click.Path(path_type=pathlib.Path))
-@click.option("--text", help="text file or hf:NAME:CONFIG:SPLIT:COLUMN [default: pydoc topics]")
+@click.option("--text", help="python-code, release-notes, a text file or "
+              "hf:NAME:CONFIG:SPLIT:COLUMN [default: the evaluation half of the pydoc topics]")
 @click.option("--windows", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--seq-len", default=512, show_default=True, type=click.IntRange(2))
 @click.option("--source/--no-source", default=True, help="also score the fp32 source (torch)")
