@@ -29,6 +29,7 @@ import types
 import torch
 
 from qcompile import attention_op  # noqa: F401  (registers qcompile::group_query_attention)
+from qcompile.hf_adapter import attention_cache, attention_modules, rotary_module
 
 __all__ = ["GqaInputs", "GQA_KWARG", "GQA_MODEL_TYPES", "gqa_inputs",
            "group_query_attention_layers", "rotary_tables", "unsupported_reason"]
@@ -64,16 +65,12 @@ def _rope_type(config) -> str:
     return parameters.get("rope_type", "default") if isinstance(parameters, dict) else "default"
 
 
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [layer.self_attn for layer in model.model.layers]
-
-
 def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why ``model`` cannot use the op (None: it can)."""
     config = model.config
     if config.model_type not in GQA_MODEL_TYPES:
         return f"model type {config.model_type} (GroupQueryAttention: {', '.join(GQA_MODEL_TYPES)})"
-    attentions = _attention_modules(model)
+    attentions = attention_modules(model)
     head_dim = attentions[0].head_dim
     if head_dim % _HEAD_MULTIPLE:
         return f"head size {head_dim} is not a multiple of {_HEAD_MULTIPLE}"
@@ -88,7 +85,7 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 def rotary_tables(model: torch.nn.Module, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos``, ``sin`` ``[positions, D/2]`` from the model's own rotary module (its scaling
     included), each row what the model computes at that position."""
-    rotary = model.model.rotary_emb
+    rotary = rotary_module(model)
     ids = torch.arange(positions)[None, :]
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), position_ids=ids)
@@ -96,11 +93,10 @@ def rotary_tables(model: torch.nn.Module, positions: int) -> tuple[torch.Tensor,
     return cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()
 
 
-def _gqa_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                 past_key_values=None, **kwargs):
+def _gqa_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
     """Drop-in ``self_attn.forward``: projections, then the op (rotary, cache, attention)."""
     inputs: GqaInputs = kwargs[GQA_KWARG]
-    cache = past_key_values.layers[self.layer_idx]
+    cache = attention_cache(kwargs).layers[self.layer_idx]
     config = self.config
     out, cache.keys, cache.values = torch.ops.qcompile.group_query_attention(
         self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
@@ -113,7 +109,7 @@ def _gqa_forward(self, hidden_states, position_embeddings=None, attention_mask=N
 @contextlib.contextmanager
 def group_query_attention_layers(model: torch.nn.Module):
     """Within the block, every decoder layer's attention runs through the op."""
-    attentions = _attention_modules(model)
+    attentions = attention_modules(model)
     for attention in attentions:
         attention.forward = types.MethodType(_gqa_forward, attention)
     try:

@@ -31,6 +31,7 @@ import torch
 
 from qcompile.console import console, progress_bar
 from qcompile.errors import QcompileError
+from qcompile.hf_adapter import decoder_layers
 
 __all__ = [
     "ActivationStore",
@@ -77,12 +78,11 @@ class ActivationStore:
 
 def decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """``(prefix, blocks)``: the ModuleList holding the model's ``num_hidden_layers`` blocks."""
-    count = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return name, module
-    raise QcompileError(f"cannot find the {count} decoder blocks of {type(model).__name__}",
-                        "calibrated passes support llama, mistral, qwen2, phi3, gpt2 and opt")
+    try:
+        return decoder_layers(model)
+    except ValueError as exc:
+        raise QcompileError(f"cannot find the decoder blocks of {type(model).__name__}: {exc}",
+                            "calibrated passes need the decoder layers as one ModuleList") from exc
 
 
 class _StopForward(Exception):

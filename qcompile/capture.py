@@ -19,6 +19,8 @@ import torch
 
 from qcompile.attention_capture import (GQA_KWARG, group_query_attention_layers, gqa_inputs,
                                         rotary_tables)
+from qcompile.hf_adapter import (ExportCache, cache_keyword, cache_tensors, conv1d_as_linear,
+                                 output_cache)
 
 __all__ = [
     "CacheEntry",
@@ -155,8 +157,8 @@ class CausalLMWithCache(torch.nn.Module):
     """``forward(input_ids, attention_mask, past_key_values) -> (logits, presents)``.
 
     ``past_key_values`` is a flat list ``[k0, v0, k1, v1, ...]``; each layer's tensors go into
-    a ``DynamicCache`` layer as they are, so each present is ``cat(past, new)`` in the graph
-    (the node the KV-quant pass rewrites).
+    a layer of an :class:`~qcompile.hf_adapter.ExportCache` as they are, so each present is
+    ``cat(past, new)`` in the graph (the node the KV-quant pass rewrites).
 
     With ``group_query_attention`` each layer's attention is instead one
     ``qcompile::group_query_attention`` op (:mod:`qcompile.attention_capture`) that returns the
@@ -174,55 +176,30 @@ class CausalLMWithCache(torch.nn.Module):
             self.register_buffer("rotary_sin_cache", sin)
 
     def forward(self, input_ids, attention_mask, past_key_values):
-        from transformers.cache_utils import DynamicCache
-
         model = getattr(self, WRAPPER_ATTRIBUTE)
-        cache = DynamicCache(config=model.config)
-        for i, layer in enumerate(cache.layers):
-            key, value = past_key_values[2 * i], past_key_values[2 * i + 1]
-            layer.dtype, layer.device = key.dtype, key.device
-            layer.keys, layer.values, layer.is_initialized = key, value, True
-        extra, scope = {}, contextlib.nullcontext()
+        extra, scope = {cache_keyword(model): ExportCache(past_key_values)}, contextlib.nullcontext()
         if self.group_query_attention:
             extra[GQA_KWARG] = gqa_inputs(attention_mask, self.rotary_cos_cache,
                                           self.rotary_sin_cache)
             scope = group_query_attention_layers(model)
         with scope:
-            out = model(input_ids=input_ids, attention_mask=attention_mask,
-                        past_key_values=cache, use_cache=True, **extra)
-        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-        return out.logits, presents
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                        **extra)
+        return out.logits, cache_tensors(output_cache(out))
 
 
 def decoder_signature(model: torch.nn.Module) -> ExportSignature:
     """Probe ``model`` once (two tokens) for its cache shape: layers, kv heads, head size."""
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 2, dtype=torch.int64), use_cache=True)
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     _, kv_heads, _, head_dim = layers[0].keys.shape
     return ExportSignature(CacheLayout.float32(len(layers), kv_heads, head_dim))
 
 
-def _conv1d_as_linear(conv) -> torch.nn.Linear:
-    """GPT-2's ``Conv1D`` stores ``[in, out]``; a ``Linear`` with the transpose is the same op."""
-    in_features, out_features = conv.weight.shape
-    linear = torch.nn.Linear(in_features, out_features, bias=conv.bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(conv.weight.T)
-        if conv.bias is not None:
-            linear.bias.copy_(conv.bias)
-    return linear
-
-
 def prepare_for_capture(model: torch.nn.Module) -> torch.nn.Module:
     """Make every matmul with a weight an ``nn.Linear`` (GPT-2's ``Conv1D`` included)."""
-    from transformers.pytorch_utils import Conv1D
-
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):
-                setattr(module, child_name, _conv1d_as_linear(child))
-    return model.eval()
+    return conv1d_as_linear(model).eval()
 
 
 def capture(model: torch.nn.Module, signature: ExportSignature,

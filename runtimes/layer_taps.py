@@ -15,6 +15,7 @@ import torch
 
 from qcompile.capture import WRAPPER_ATTRIBUTE
 from qcompile.fx_utils import module_path
+from qcompile.hf_adapter import decoder_layers
 
 __all__ = ["decoder_layers_path", "fx_layer_nodes", "onnx_layer_values", "eager_layer_outputs",
            "tap_fx", "has_ort_fusions"]
@@ -22,11 +23,7 @@ __all__ = ["decoder_layers_path", "fx_layer_nodes", "onnx_layer_values", "eager_
 
 def decoder_layers_path(model: torch.nn.Module) -> str:
     """Dotted name of the ``ModuleList`` of decoder layers (``model.layers``, ``transformer.h``)."""
-    count = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return name
-    raise ValueError("no ModuleList with num_hidden_layers entries in the model")
+    return decoder_layers(model)[0]
 
 
 def _in_layer(path: str, prefix: str) -> bool:

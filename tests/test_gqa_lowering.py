@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 from qcompile.attention_capture import unsupported_reason
 from qcompile.capture import CausalLMWithCache, prepare_for_capture
 from qcompile.compiler import attention_lowering, compile_bundle
+from qcompile.hf_adapter import output_cache
 from qcompile.lowering.targets import get_target
 from qcompile.recipes import load_recipe
 
@@ -45,7 +46,7 @@ def tiny_llama():
 def _hf_logits_and_keys(model, ids: list[int]):
     """Eager HF, one unpadded row: logits [S, V] and layer 0's cached keys [Hkv, S, D]."""
     out = model(input_ids=torch.tensor([ids]), use_cache=True)
-    return out.logits[0], out.past_key_values.layers[0].keys[0]
+    return out.logits[0], output_cache(out).layers[0].keys[0]
 
 
 def _gqa_step(model, ids, mask, past):
@@ -75,7 +76,7 @@ def test_decode_after_ragged_pasts_matches_hf_rows(tiny_llama):
     past = [100 * torch.randn(2, KV_HEADS, 7, HEAD, generator=generator) for _ in range(4)]
     with torch.no_grad():
         for b, row in enumerate(rows):
-            cache = tiny_llama(input_ids=torch.tensor([row]), use_cache=True).past_key_values
+            cache = output_cache(tiny_llama(input_ids=torch.tensor([row]), use_cache=True))
             for i, layer in enumerate(cache.layers):
                 past[2 * i][b, :, :len(row)] = layer.keys[0]
                 past[2 * i + 1][b, :, :len(row)] = layer.values[0]
