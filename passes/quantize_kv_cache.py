@@ -51,6 +51,7 @@ __all__ = ["KVOptions", "QuantizeKVCache", "describe"]
 #: the only form onnxruntime-genai can run, see :mod:`qcompile.kv_in_attention`)
 SCALINGS = ("per-channel", "per-token", "normalized-token", "symmetric-channel")
 IN_ATTENTION = "symmetric-channel"
+FALLBACKS = ("error", "float")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,10 @@ class KVOptions:
     calibration_tokens: int = 512
     #: per-token tensors: values per scale along ``head_dim`` (0: the whole head_dim)
     group_size: int = 0
+    #: ``symmetric-channel`` on a decoder without GroupQueryAttention (another architecture,
+    #: or the onnx-qdq target): ``error`` refuses the compile, ``float`` keeps a float cache
+    #: and says so in the report (what the default recipe does, so it runs on every model)
+    fallback: str = "error"
 
     def validate(self, where: str) -> None:
         if self.bits not in (4, 8):
@@ -79,6 +84,12 @@ class KVOptions:
             if getattr(self, role) not in SCALINGS:
                 raise QcompileError(f"{where}: {role} must be one of {', '.join(SCALINGS)}",
                                     f"set {role}: {', '.join(SCALINGS)}")
+        if self.fallback not in FALLBACKS:
+            raise QcompileError(f"{where}: fallback must be one of {', '.join(FALLBACKS)}, got "
+                                f"{self.fallback!r}", "use fallback: error, or fallback: float")
+        if self.fallback != "error" and not self.in_attention:
+            raise QcompileError(f"{where}: fallback applies to the {IN_ATTENTION} cache only",
+                                "drop fallback, or set key/value: symmetric-channel")
         if IN_ATTENTION in (self.key, self.value) and (self.key != self.value
                                                        or self.group_size):
             raise QcompileError(f"{where}: {IN_ATTENTION} is GroupQueryAttention's own cache "

@@ -72,7 +72,8 @@ def calibration_samples(options: CalibrationOptions, tokenizer, vocab_size: int)
     if tokenizer is None:
         raise QcompileError(
             "calibration needs text, but this model was saved without a tokenizer",
-            "save the tokenizer with the model, or set calibration.data: random (smoke tests)")
+            "save the tokenizer with the model, compile with -r w4a16-rtn (no calibration), or "
+            "set calibration.data: random (smoke tests only)")
     source = None if options.data == "default" else options.data
     ids = token_ids(tokenizer, source, split="calibration")
     return _windows(ids, options, options.data)

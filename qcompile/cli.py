@@ -15,6 +15,7 @@ from rich.table import Table
 
 from qcompile.console import console
 from qcompile.errors import QcompileError
+from qcompile.recipes import DEFAULT_RECIPES
 
 __all__ = ["main", "cli"]
 
@@ -31,19 +32,22 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("source", required=False)
-@click.option("-r", "--recipe", default="w4a16-rtn", show_default=True,
-              help="built-in recipe name or a .yaml/.json recipe file")
+@click.option("-r", "--recipe", help="built-in recipe name or a .yaml/.json recipe file "
+              f"[default: {DEFAULT_RECIPES['ort']} for ort, {DEFAULT_RECIPES['onnx-qdq']} for "
+              "onnx-qdq]")
 @click.option("-t", "--target", default="ort", show_default=True,
               type=click.Choice(["ort", "onnx-qdq"]), help="lowering target")
 @click.option("-o", "--output", type=click.Path(path_type=pathlib.Path),
               help="bundle directory [default: out/<model>-<recipe>-<target>]")
 @click.option("--force", is_flag=True, help="replace an existing bundle")
-@click.option("--accuracy-level", default=0, show_default=True, type=click.IntRange(0, 4),
-              help="MatMulNBits compute type: 0 float32 (matches the torch reference), 4 int8 activations (faster, ~+0.8 % perplexity on SmolLM2 w4)")
+@click.option("--accuracy-level", type=click.IntRange(0, 4),
+              help="MatMulNBits compute type: 0 float32 (matches the torch reference), 4 int8 "
+              "activations (faster) [default: the recipe's, else 0]")
 def compile(source, recipe, target, output, force, accuracy_level) -> None:
     """Compile SOURCE (hub id, HF directory or .gguf; default: SmolLM2-135M) to a bundle."""
     from qcompile.compiler import compile_bundle
 
+    recipe = recipe or DEFAULT_RECIPES[target]
     output = output or _default_output(source, recipe, target)
     report = compile_bundle(source, recipe, target, output, force, accuracy_level)
     _print_compile_summary(report, output)

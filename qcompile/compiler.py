@@ -17,7 +17,8 @@ import torch
 
 from qcompile import __version__
 from qcompile.attention_capture import unsupported_reason
-from qcompile.bundle import atomic_directory, check_output, directory_bytes, write_report
+from qcompile.bundle import (atomic_directory, check_output_path, directory_bytes,
+                             estimate_bundle_bytes, write_report)
 from qcompile.calibration_record import save_record
 from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step
@@ -70,6 +71,9 @@ def attention_lowering(model, recipe: Recipe, target: Target) -> dict:
         reason = "the KV cache is quantized"
     else:
         reason = unsupported_reason(model)
+    if reason and in_attention and kv_cache.fallback == "float":
+        return {"kind": DECOMPOSED, "reason": reason,
+                "kv_cache": "float: the recipe's GroupQueryAttention cache needs GQA"}
     if reason and in_attention:
         raise QcompileError(
             f"recipe {recipe.name} quantizes the KV cache inside GroupQueryAttention, which "
@@ -156,17 +160,23 @@ def compile_bundle(
     target_name: str,
     out_dir: pathlib.Path,
     force: bool = False,
-    accuracy_level: int = 0,
+    accuracy_level: int | None = None,
 ) -> dict:
-    """Compile ``source`` with ``recipe`` for ``target`` into the bundle ``out_dir``."""
+    """Compile ``source`` with ``recipe`` for ``target`` into the bundle ``out_dir``;
+    ``accuracy_level`` None takes the recipe's (0 where it names none)."""
     start = time.perf_counter()
     recipe, target = prepare_request(recipe_name, target_name)
-    check_output(out_dir, force)
+    check_output_path(out_dir, force, estimate_bundle_bytes(source, recipe))
     timings: dict[str, float] = {}
     with step(f"loading {source or 'the default model (SmolLM2-135M-Instruct)'}", timings,
               "load_s"):
         loaded = load_model(source)
     attention = attention_lowering(loaded.model, recipe, target)
+    if "kv_cache" in attention:  # the recipe's GQA cache fell back to a float cache
+        recipe = recipe.without_kv_cache()
+        console.print(f"  KV cache: float ({attention['reason']})")
+    if accuracy_level is None:
+        accuracy_level = recipe.accuracy_level or 0
     stages = build_stages(loaded, recipe, keep_snapshots=False, timings=timings,
                           group_query_attention=attention["kind"] == GQA)
     with atomic_directory(out_dir, force) as tmp:

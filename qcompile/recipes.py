@@ -8,7 +8,9 @@ A recipe is plain data, the same for built-ins and for users' YAML/JSON files::
       - quantize_weights_rtn: {bits: 4, group_size: 128, mse_clip: true}
       - pack_weights
 
-Each pass entry is a pass name or a one-key mapping ``{name: options}``. Loading validates
+Each pass entry is a pass name or a one-key mapping ``{name: options}``. An optional
+``accuracy_level`` (0-4) is the ORT ``MatMulNBits`` compute type the recipe was tuned for
+(the ``--accuracy-level`` option overrides it; 0 when neither says). Loading validates
 everything up front (unknown passes, unknown or mistyped options, unsupported values) so that
 a bad recipe fails before any model is loaded.
 """
@@ -28,6 +30,8 @@ __all__ = [
     "Recipe",
     "PassStep",
     "BUILTIN_RECIPES",
+    "DEFAULT_RECIPE",
+    "DEFAULT_RECIPES",
     "load_recipe",
     "recipe_from_dict",
     "recipe_of_report",
@@ -46,6 +50,8 @@ class Recipe:
     description: str
     steps: tuple[PassStep, ...]
     source: str = "built-in"
+    #: ORT MatMulNBits compute type the recipe is meant for (None: the target's default, 0)
+    accuracy_level: int | None = None
 
     def instantiate(self, context: PassContext) -> list[QPass]:
         return [get_pass(step.name)(step.options, context) for step in self.steps]
@@ -64,13 +70,21 @@ class Recipe:
                 return step.options
         return None
 
+    def without_kv_cache(self) -> "Recipe":
+        """The same recipe with its KV-cache step dropped (a float cache)."""
+        steps = tuple(s for s in self.steps if s.name != KV_CACHE_PASS)
+        return dataclasses.replace(self, steps=steps)
+
     def to_dict(self) -> dict:
-        return {
+        data = {
             "name": self.name,
             "description": self.description,
             "source": self.source,
             "passes": [{s.name: dataclasses.asdict(s.options)} for s in self.steps],
         }
+        if self.accuracy_level is not None:
+            data["accuracy_level"] = self.accuracy_level
+        return data
 
 
 def _rtn(description: str, **options) -> dict:
@@ -130,6 +144,42 @@ BUILTIN_RECIPES.update({
     for method in CALIBRATED_METHODS for prefix in _CALIBRATED_SETTINGS
 })
 
+#: onnxruntime-genai's int4 format (symmetric groups of 32, MatMulNBits at accuracy level 4,
+#: the tied embedding stored once as the int4 lm_head) with GPTQ instead of round-to-nearest
+_BUILDER_FORMAT_INT4 = {"bits": 4, "group_size": 32, "symmetric": True}
+BUILTIN_RECIPES["w4a16-gptq-g32"] = {
+    "description": "int4 GPTQ, symmetric groups of 32, int4 lm_head and embedding stored "
+                   "once (onnxruntime-genai's int4 layout), 32 x 512 calibration tokens",
+    "accuracy_level": 4,
+    "passes": [{"gptq": {**_BUILDER_FORMAT_INT4, "lm_head": _BUILDER_FORMAT_INT4,
+                         "embedding": _BUILDER_FORMAT_INT4,
+                         "calibration": {"samples": 32, "seq_len": 512}}},
+               "pack_weights"],
+}
+#: what `qcompile compile` builds with no options: the best CPU bundle that compiles within
+#: 10 minutes on two cores (README, "The default"); the int8 cache lives inside ORT's
+#: GroupQueryAttention where the decoder has it, and is a float cache where it has not
+BUILTIN_RECIPES["w4a16-gptq-g32-kv8"] = {
+    **BUILTIN_RECIPES["w4a16-gptq-g32"],
+    "description": BUILTIN_RECIPES["w4a16-gptq-g32"]["description"] + "; int8 KV cache "
+                   "inside GroupQueryAttention (a float cache where the decoder has none)",
+    "passes": [*BUILTIN_RECIPES["w4a16-gptq-g32"]["passes"],
+               {"quantize_kv_cache": {"bits": 8, "key": "symmetric-channel",
+                                      "value": "symmetric-channel", "fallback": "float"}}],
+}
+#: standard ONNX has no GroupQueryAttention and onnx-qdq no int4 Gather: the same GPTQ body
+#: and lm_head with the default 8-bit embedding and a float cache
+BUILTIN_RECIPES["w4a16-gptq-g32-qdq"] = {
+    "description": "int4 GPTQ, symmetric groups of 32, int4 lm_head, 8-bit embedding, 32 x 512 "
+                   "calibration tokens (the onnx-qdq default)",
+    "passes": [{"gptq": {**_BUILDER_FORMAT_INT4, "lm_head": _BUILDER_FORMAT_INT4,
+                         "calibration": {"samples": 32, "seq_len": 512}}},
+               "pack_weights"],
+}
+#: the recipe `qcompile compile` uses for each target when none is given
+DEFAULT_RECIPES = {"ort": "w4a16-gptq-g32-kv8", "onnx-qdq": "w4a16-gptq-g32-qdq"}
+DEFAULT_RECIPE = DEFAULT_RECIPES["ort"]
+
 
 #: the pass a ``+kv...`` modifier appends
 KV_CACHE_PASS = "quantize_kv_cache"
@@ -171,17 +221,23 @@ def recipe_from_dict(data, name: str, source: str) -> Recipe:
     """Validate and build a recipe from plain data."""
     if not isinstance(data, dict):
         raise QcompileError(f"recipe {source} must be a mapping", "see `qcompile recipes`")
-    unknown = sorted(set(data) - {"name", "description", "passes"})
+    unknown = sorted(set(data) - {"name", "description", "passes", "accuracy_level"})
     if unknown:
         raise QcompileError(
             f"unknown recipe field(s) {', '.join(unknown)} in {source}",
-            "a recipe has: name, description, passes",
+            "a recipe has: name, description, passes, and optionally accuracy_level",
         )
+    level = data.get("accuracy_level")
+    if level is not None and (not isinstance(level, int) or isinstance(level, bool)
+                              or not 0 <= level <= 4):
+        raise QcompileError(f"accuracy_level of {source} must be an integer 0-4, got {level!r}",
+                            "use 0 (float32 compute) or 4 (int8 activations)")
     passes = data.get("passes")
     if not isinstance(passes, list):
         raise QcompileError(f"recipe {source} needs a 'passes' list", "add passes: [...]")
     steps = tuple(_parse_step(e, f"{source}: passes[{i}]") for i, e in enumerate(passes))
-    return Recipe(str(data.get("name", name)), str(data.get("description", "")), steps, source)
+    return Recipe(str(data.get("name", name)), str(data.get("description", "")), steps, source,
+                  level)
 
 
 def _read_file(path: pathlib.Path):
@@ -220,7 +276,8 @@ def _with_kv_modifier(recipe: Recipe, modifier: str) -> Recipe:
                             f"drop +{modifier}")
     step = _parse_step({KV_CACHE_PASS: KV_MODIFIERS[modifier]}, f"+{modifier}")
     description = f"{recipe.description}; {step.options.bits}-bit KV cache"
-    return Recipe(f"{recipe.name}+{modifier}", description, (*recipe.steps, step), recipe.source)
+    return dataclasses.replace(recipe, name=f"{recipe.name}+{modifier}", description=description,
+                               steps=(*recipe.steps, step))
 
 
 def recipe_of_report(report: dict) -> Recipe:

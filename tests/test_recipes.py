@@ -16,7 +16,8 @@ def test_builtin_recipes_load(name):
     recipe = load_recipe(name)
     assert recipe.name == name
     names = [s.name for s in recipe.steps]
-    assert names == [] or names[1:] == ["pack_weights"]
+    assert names == [] or names[1:2] == ["pack_weights"]
+    assert names[2:] in ([], ["quantize_kv_cache"])
     assert names[:1] in ([], ["quantize_weights_rtn"]) or names[0] in name.replace("-", "_")
     if names:  # every weight step has the RTN options the targets check
         assert recipe.weight_options().bits == int(name[1])
@@ -79,3 +80,47 @@ def test_target_refuses_4bit_embedding_for_qdq(tmp_path):
     path.write_text("passes: [{quantize_weights_rtn: {embedding: {bits: 4}}}, pack_weights]")
     with pytest.raises(QcompileError, match="4-bit embedding"):
         get_target("onnx-qdq").check(load_recipe(str(path)))
+
+
+def test_default_recipe_is_the_builder_format_gptq_with_an_int8_gqa_cache():
+    from qcompile.recipes import DEFAULT_RECIPE
+
+    recipe = load_recipe(DEFAULT_RECIPE)
+    weights, kv = recipe.weight_options(), recipe.kv_cache_options()
+    assert recipe.steps[0].name == "gptq" and recipe.accuracy_level == 4
+    assert (weights.bits, weights.group_size, weights.symmetric) == (4, 32, True)
+    assert weights.lm_head == weights.embedding  # stored once, as the builder does
+    assert (kv.bits, kv.in_attention, kv.fallback) == (8, True, "float")
+    assert "kv_cache" not in [s.name for s in recipe.without_kv_cache().steps]
+    assert load_recipe(f"{DEFAULT_RECIPE.removesuffix('-kv8')}+kv8-gqa").accuracy_level == 4
+
+
+@pytest.mark.parametrize("level,message", [(5, "integer 0-4"), ("4", "integer 0-4"),
+                                           (True, "integer 0-4")])
+def test_recipe_accuracy_level_is_validated(tmp_path, level, message):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"accuracy_level": level, "passes": ["pack_weights"]}))
+    with pytest.raises(QcompileError, match=message):
+        load_recipe(str(path))
+
+
+def test_recipe_accuracy_level_round_trips_through_the_report(tmp_path):
+    from qcompile.recipes import recipe_of_report
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("accuracy_level: 4\npasses:\n  - quantize_weights_rtn: {bits: 4}\n"
+                    "  - pack_weights\n")
+    recipe = load_recipe(str(path))
+    assert recipe_of_report({"recipe": recipe.to_dict()}).accuracy_level == 4
+
+
+@pytest.mark.parametrize("kv,message", [
+    ({"key": "symmetric-channel", "value": "symmetric-channel", "fallback": "skip"},
+     "fallback must be one of"),
+    ({"fallback": "float"}, "applies to the symmetric-channel cache only"),
+])
+def test_kv_fallback_is_validated(tmp_path, kv, message):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"passes": [{"quantize_kv_cache": kv}]}))
+    with pytest.raises(QcompileError, match=message):
+        load_recipe(str(path))

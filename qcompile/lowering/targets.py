@@ -39,7 +39,8 @@ class Target:
     def check(self, recipe) -> None:
         """Refuse recipes whose weight or cache formats this target cannot express."""
         kv_cache = recipe.kv_cache_options()
-        if not self.fuse and kv_cache is not None and kv_cache.in_attention:
+        if (not self.fuse and kv_cache is not None and kv_cache.in_attention
+                and kv_cache.fallback == "error"):
             raise QcompileError(
                 f"target {self.name} is standard ONNX; recipe {recipe.name} quantizes the KV "
                 "cache inside ONNX Runtime's GroupQueryAttention",
