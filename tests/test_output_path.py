@@ -180,15 +180,21 @@ def test_other_outputs_and_unowned_directories_are_left_alone(tmp_path):
 
 
 def test_sigterm_in_process_removes_the_temporary(tmp_path):
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as exit_info:
-        with atomic_directory(tmp_path / "b", force=False) as tmp:
-            (tmp / "model.onnx").write_bytes(b"partial")
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler raises here, long before
+    def unguarded(signum, frame):
+        raise AssertionError("SIGTERM reached the handler from before atomic_directory")
+
+    before = signal.signal(signal.SIGTERM, unguarded)  # without the guard: fail, not die
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            with atomic_directory(tmp_path / "b", force=False) as tmp:
+                (tmp / "model.onnx").write_bytes(b"partial")
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here, long before
+        assert signal.getsignal(signal.SIGTERM) is unguarded  # put back on the way out
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert exit_info.value.code == 143
     assert leftovers(tmp_path) == []
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def wait_for_temporary(process, parent, name, seconds=300):
