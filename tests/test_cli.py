@@ -68,7 +68,8 @@ def test_existing_output_needs_force_then_replaces(tmp_path, tiny_model_dir):
     result = run_cli("compile", str(tiny_model_dir("llama")), "-o", str(out))
     assert result.returncode == 2 and "already exists" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
-    result = run_cli("compile", str(tiny_model_dir("llama")), "-o", str(out), "--force")
+    result = run_cli("compile", str(tiny_model_dir("llama")), "-r", "w4a16-rtn", "-o", str(out),
+                     "--force")
     assert result.returncode == 0, result.stderr
     assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary directory left
