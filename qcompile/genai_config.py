@@ -20,9 +20,14 @@ from qcompile.lowering.export_onnx import MODEL_FILE
 __all__ = ["GENAI_CONFIG_FILE", "GENAI_MODEL_TYPES", "genai_config", "write_genai_config"]
 
 GENAI_CONFIG_FILE = "genai_config.json"
-#: model types onnxruntime-genai 0.18 runs with this I/O; others (its "gpt2" class wants
-#: other inputs) load as its generic "decoder"
-GENAI_MODEL_TYPES = ("llama", "mistral", "phi3", "qwen2")
+#: model types onnxruntime-genai 0.18 knows by name (its model builder writes them; each is
+#: also the Hugging Face ``model_type``). Every one was run with qcompile's I/O and generates
+#: the own loop's tokens; for these bundles the name changes nothing, since attention, sliding
+#: windows, soft-capping and embedding scales are all inside the graph. genai refuses a name
+#: it does not know ("Unsupported model_type"), so the rest (OLMo-2/3, StableLM, InternLM3,
+#: OPT, and GPT-2, whose genai class wants other inputs) load as its generic "decoder".
+GENAI_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "granite", "llama", "mistral",
+                     "nemotron", "olmo", "phi", "phi3", "qwen2", "qwen3", "smollm3")
 
 
 def _token_id(config, tokenizer, name: str, fallback: int) -> int | list[int]:

@@ -4,8 +4,8 @@ Capture and calibration need a few things from a loaded causal LM that transform
 promise to keep still: the keyword that carries the cache (``past_key_values`` up to 5.23,
 ``cache`` from 5.24, the old name a deprecated alias until 5.40), the model output's cache
 field (``past_key_values`` -> ``cache``), how a cache is filled with a graph's past tensors,
-the decoder-layer list, the attention modules and the rotary module. They live here and only
-here, so a rename upstream costs one edit.
+the decoder-layer list, the attention modules, the rotary module, and GGUF architecture
+names. They live here and only here, so a rename upstream costs one edit.
 
 Where transformers has a documented extension point it is used: the cache is our own
 :class:`ExportCache`, a ``DynamicCache`` built through the documented ``Cache(layers=...)``
@@ -37,6 +37,7 @@ __all__ = [
     "cache_tensors",
     "conv1d_as_linear",
     "decoder_layers",
+    "gguf_model_type",
     "output_cache",
     "rotary_module",
     "text_config",
@@ -93,6 +94,17 @@ class ExportCache(DynamicCache):
     def __init__(self, past: list[torch.Tensor]):
         layers = [_past_layer(past[i], past[i + 1]) for i in range(0, len(past), 2)]
         Cache.__init__(self, layers=layers)
+
+
+#: GGUF ``general.architecture`` names that transformers' GGUF loader maps to another
+#: ``model_type`` (``modeling_gguf_pytorch_utils``); the others are the same in both
+_GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text",
+                     "gemma4": "gemma4_text", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+
+
+def gguf_model_type(architecture: str) -> str:
+    """The ``model_type`` transformers gives a GGUF file of ``architecture``."""
+    return _GGUF_MODEL_TYPES.get(architecture, architecture)
 
 
 def text_config(config):

