@@ -5,7 +5,8 @@ block, the activations entering it *from the already-quantized blocks before it*
 block-output reconstruction, the float block's outputs on float inputs as targets). Running the
 whole model per sample would keep every layer's activations alive; instead::
 
-    capture the inputs of block 0 (embeddings; the rest of the model is not run)
+    capture the inputs of block 0 and every block's keyword arguments (mask, rotary
+        tables: they differ between sliding-window and global layers); no block is run
     for each block:
         copy the block (float32, onto the calibration device)        <- one block in memory
         [targets = float block(float inputs)]                        (reconstruction only)
@@ -20,8 +21,10 @@ passed in is never modified: algorithms write into the copy and report what chan
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import inspect
 import pathlib
 import tempfile
 import time
@@ -206,23 +209,68 @@ class CalibrationResult:
     peak_activation_bytes: int
 
 
-def _capture_first_inputs(model, blocks, samples, batch_size, store, kwargs_list):
-    def grab(module, args, kwargs):
-        store.append(args[0] if args else kwargs.pop("hidden_states"))
-        kwargs_list.append({k: _to(v, "cpu") for k, v in kwargs.items()
-                            if k not in ("hidden_states",)})
-        raise _StopForward
+def _as_keywords(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """``(hidden states, every other argument by name)`` of a call to ``block`` (GPT-2 passes
+    its attention mask positionally)."""
+    signature = inspect.signature(type(block).forward)
+    bound = signature.bind(block, *args, **kwargs).arguments
+    named = {}
+    for name, value in list(bound.items())[1:]:  # [0] is self
+        kind = signature.parameters[name].kind
+        named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+    first = "hidden_states" if "hidden_states" in named else next(iter(named))
+    return named.pop(first), named
 
-    hook = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+
+def _shared_copy(kwargs: dict, seen: list[tuple[dict, dict]]) -> dict:
+    """``kwargs`` on the CPU, reusing an earlier block's copy when every value is the same
+    object (the layers of one type share one mask and one rotary table)."""
+    for raw, copied in seen:
+        if raw.keys() == kwargs.keys() and all(raw[k] is v for k, v in kwargs.items()):
+            return copied
+    copied = {k: _to(v, "cpu") for k, v in kwargs.items()}
+    seen.append((kwargs, copied))
+    return copied
+
+
+@contextlib.contextmanager
+def _recording_blocks(blocks, store: ActivationStore, block_kwargs: list[list[dict]]):
+    """Within the block, every decoder block only records its arguments and hands its input
+    on unchanged; the last one stops the forward. Each block's own keyword arguments are kept
+    because they differ between layer types (Gemma 2/3, OLMo 3: a sliding-window or a global
+    mask, Gemma 3: rotary tables of another base), at no cost: no block computes anything."""
+    seen: list[tuple[dict, dict]] = []
+
+    def stand_in(index: int, block: torch.nn.Module):
+        def forward(*args, **kwargs):
+            hidden, named = _as_keywords(block, args, kwargs)
+            if index == 0:
+                store.append(hidden)
+                seen.clear()
+            block_kwargs[index].append(_shared_copy(named, seen))
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return hidden
+        return forward
+
+    for index, block in enumerate(blocks):
+        block.forward = stand_in(index, block)
     try:
-        with torch.no_grad():
-            for start in range(0, samples.shape[0], batch_size):
-                try:
-                    model(input_ids=samples[start: start + batch_size], use_cache=False)
-                except _StopForward:
-                    pass
+        yield
     finally:
-        hook.remove()
+        for block in blocks:
+            del block.forward
+
+
+def _capture_first_inputs(model, blocks, samples, batch_size, store, block_kwargs):
+    """Block 0's inputs into ``store`` and every block's keyword arguments per batch into
+    ``block_kwargs[block]``."""
+    with _recording_blocks(blocks, store, block_kwargs), torch.no_grad():
+        for start in range(0, samples.shape[0], batch_size):
+            try:
+                model(input_ids=samples[start: start + batch_size], use_cache=False)
+            except _StopForward:
+                pass
 
 
 def _outputs(block, inputs: ActivationStore, kwargs, device, spill_dir, tag) -> ActivationStore:
@@ -277,13 +325,14 @@ def run_block_calibration(
     prefix, blocks = decoder_blocks(model)
     with tempfile.TemporaryDirectory(prefix="qcompile-spill-") as tmp:
         spill_dir = pathlib.Path(tmp) if spill else None
-        inputs, kwargs = ActivationStore(spill_dir, "in"), []
-        _capture_first_inputs(model, blocks, samples, batch_size, inputs, kwargs)
+        inputs, block_kwargs = ActivationStore(spill_dir, "in"), [[] for _ in blocks]
+        _capture_first_inputs(model, blocks, samples, batch_size, inputs, block_kwargs)
         float_inputs = inputs if algorithm.needs_float_targets else None
         qweights, float_updates, peak = {}, {}, 0
         bar, task = progress_bar(f"{algorithm.label}: block 1/{len(blocks)}", len(blocks))
         with bar:
             for index, original in enumerate(blocks):
+                kwargs = block_kwargs[index]
                 block = copy.deepcopy(original).to(device=device, dtype=torch.float32).eval()
                 targets = None
                 if float_inputs is not None:
