@@ -18,6 +18,7 @@ from qcompile.algorithms.awq import (
     apply_scale,
     expand,
     scaling_groups,
+    scaling_layout,
     search_clip,
     search_scale,
 )
@@ -72,8 +73,8 @@ class _InputStats:
 class AWQBlocks(BlockAlgorithm):
     label = "AWQ"
 
-    def __init__(self, spec_for, options: AWQOptions):
-        self.spec_for, self.options = spec_for, options
+    def __init__(self, spec_for, options: AWQOptions, config):
+        self.spec_for, self.options, self.config = spec_for, options, config
         self.alphas: dict[str, float] = {}
 
     def _statistics(self, job: BlockJob, names: list[str]) -> dict:
@@ -87,7 +88,7 @@ class AWQBlocks(BlockAlgorithm):
 
     def _scale_groups(self, job: BlockJob, stats: dict) -> None:
         modules = dict(job.block.named_modules())
-        for group in scaling_groups(job.block):
+        for group in scaling_groups(job.block, self.config):
             specs = [self.spec_for(job.path(n)) for n in group.linears]
             spec = next((s for s in specs if s is not None), None)
             if spec is None:
@@ -130,7 +131,8 @@ class AWQ(CalibratedWeightPass):
     Options = AWQOptions
 
     def algorithm(self) -> BlockAlgorithm:
-        self._blocks = AWQBlocks(self.block_spec, self.options)
+        scaling_layout(self.context.config)  # a model type without one fails before calibrating
+        self._blocks = AWQBlocks(self.block_spec, self.options, self.context.config)
         return self._blocks
 
     def layer_notes(self) -> dict[str, dict]:

@@ -106,7 +106,7 @@ def test_awq_folding_leaves_the_float_block_unchanged(arch):
         kwargs["position_embeddings"] = rotary(x, torch.arange(16).unsqueeze(0))
     reference = block(x, **kwargs)
     reference = reference[0] if isinstance(reference, tuple) else reference
-    groups = scaling_groups(block)
+    groups = scaling_groups(block, model.config)
     assert len(groups) == 4
     if arch == "llama":  # 4 heads over 2 KV heads: v -> o repeats each KV channel twice
         assert [g.repeat for g in groups] == [1, 2, 1, 1]
