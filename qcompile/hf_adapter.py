@@ -4,8 +4,9 @@ Capture and calibration need a few things from a loaded causal LM that transform
 promise to keep still: the keyword that carries the cache (``past_key_values`` up to 5.23,
 ``cache`` from 5.24, the old name a deprecated alias until 5.40), the model output's cache
 field (``past_key_values`` -> ``cache``), how a cache is filled with a graph's past tensors,
-the decoder-layer list, the attention modules, the rotary module, and GGUF architecture
-names. They live here and only here, so a rename upstream costs one edit.
+the decoder-layer list, the attention modules (and, per architecture, how their q/k/v come
+out of the projections: q/k norms, clamps, Phi's ``dense``), the rotary module, and GGUF
+architecture names. They live here and only here, so a rename upstream costs one edit.
 
 Where transformers has a documented extension point it is used: the cache is our own
 :class:`ExportCache`, a ``DynamicCache`` built through the documented ``Cache(layers=...)``
@@ -33,6 +34,10 @@ __all__ = [
     "ExportCache",
     "attention_cache",
     "attention_modules",
+    "attention_output_projection",
+    "attention_projections",
+    "attention_uses_rotary",
+    "attention_unsupported_features",
     "cache_keyword",
     "cache_tensors",
     "conv1d_as_linear",
@@ -127,6 +132,52 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Each decoder layer's self-attention module."""
     return [layer.self_attn for layer in decoder_layers(model)[1]]
+
+
+def _normed(norm, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``norm`` over each head of ``x [B, S, heads * head_dim]`` when its weight is one head
+    wide (Qwen3), else over the whole projection (OLMo-2)."""
+    if norm.weight.shape[-1] != head_dim:
+        return norm(x)
+    return norm(x.view(*x.shape[:-1], -1, head_dim)).reshape(x.shape)
+
+
+def attention_projections(attention: torch.nn.Module, hidden_states: torch.Tensor):
+    """``(query, key, value)``, each ``[B, S, heads * head_dim]``, exactly as ``attention``
+    computes them before rotary: the three projections, then OLMo's ``clip_qkv`` clamp and the
+    q/k RMSNorms of Qwen3 (per head) and OLMo-2 (whole projection)."""
+    q, k, v = (attention.q_proj(hidden_states), attention.k_proj(hidden_states),
+               attention.v_proj(hidden_states))
+    clip = getattr(attention.config, "clip_qkv", None)
+    if clip is not None:
+        q, k, v = (t.clamp(min=-clip, max=clip) for t in (q, k, v))
+    if getattr(attention, "q_norm", None) is not None:
+        q = _normed(attention.q_norm, q, attention.head_dim)
+        k = _normed(attention.k_norm, k, attention.head_dim)
+    return q, k, v
+
+
+def attention_output_projection(attention: torch.nn.Module) -> torch.nn.Module:
+    """The linear after attention (``o_proj``; Phi's ``dense``)."""
+    return attention.o_proj if hasattr(attention, "o_proj") else attention.dense
+
+
+def attention_uses_rotary(attention: torch.nn.Module) -> bool:
+    """False for SmolLM3's layers without rotary (``no_rope_layers``)."""
+    return bool(getattr(attention, "use_rope", True))
+
+
+def attention_unsupported_features(attention: torch.nn.Module) -> list[str]:
+    """What ``attention`` computes beyond projections (:func:`attention_projections`), rotary,
+    cache and grouped causal attention: what a one-op capture of it would lose."""
+    features = []
+    if getattr(attention, "qk_layernorm", False):
+        features.append("per-head q/k LayerNorm (qk_layernorm)")
+    if getattr(attention, "attn_logit_softcapping", None) is not None:
+        features.append("attention logit soft-capping")
+    if getattr(attention, "sliding_window", None):
+        features.append("sliding-window attention")
+    return features
 
 
 def rotary_module(model: torch.nn.Module) -> torch.nn.Module:

@@ -58,7 +58,8 @@ def _newer_configs(hf, llama_like):
                  final_logit_softcapping=0.5)
     return {
         "qwen3": hf.Qwen3Config(**heads16),
-        "phi": hf.PhiConfig(**llama_like),
+        # 2 heads of 32, half rotated: ORT's GroupQueryAttention takes 8-wide rotary tables
+        "phi": hf.PhiConfig(**dict(llama_like, num_attention_heads=2, num_key_value_heads=1)),
         "gemma": hf.GemmaConfig(**heads16),
         "gemma2": _sliding_and_global(hf.Gemma2Config, gemma),
         "gemma3_text": _sliding_and_global(hf.Gemma3TextConfig, dict(gemma, attn_logit_softcapping=None)),
