@@ -9,9 +9,10 @@ without rotary, Nemotron's ``1 + w`` LayerNorm and squared-ReLU MLP, and Gemma's
 embedding, ``1 + w`` RMSNorm, sandwich norms and tied head.
 
 Gemma 2, Gemma 3 and OLMo 3 alternate sliding-window and global layers with a window of 4
-positions, shorter than every test prompt, so the window really cuts; Gemma's soft-capping
-values are sized to the tiny model's scores (attention scores ~0.07, logits ~0.6), so ``tanh``
-is far from linear where it is applied.
+positions, shorter than every test prompt, so the window really cuts. Soft-capping is on:
+attention (Gemma 2; Gemma 3's config field is ignored by transformers, so it stays unset) and
+final logits (both), with caps sized to the tiny model's scores (attention ~0.07, logits ~0.6)
+so that ``tanh`` is far from linear where it is applied.
 """
 
 from __future__ import annotations
