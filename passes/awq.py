@@ -131,7 +131,7 @@ class AWQ(CalibratedWeightPass):
     Options = AWQOptions
 
     def algorithm(self) -> BlockAlgorithm:
-        scaling_layout(self.context.config)  # a model type without one fails before calibrating
+        scaling_layout(self.context.config)  # no layout: refused before calibrating
         self._blocks = AWQBlocks(self.block_spec, self.options, self.context.config)
         return self._blocks
 

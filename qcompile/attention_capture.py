@@ -33,9 +33,10 @@ import types
 import torch
 
 from qcompile import attention_op  # noqa: F401  (registers qcompile::group_query_attention)
-from qcompile.hf_adapter import (attention_cache, attention_modules, attention_output_projection,
-                                 attention_projections, attention_unsupported_features,
-                                 attention_uses_rotary, rotary_module)
+from qcompile.hf_adapter import (attention_cache, attention_modules,
+                                 attention_output_projection, attention_projections,
+                                 attention_unsupported_features, attention_uses_rotary,
+                                 rotary_module)
 
 __all__ = ["GqaInputs", "GQA_KWARG", "GQA_MODEL_TYPES", "gqa_inputs",
            "group_query_attention_layers", "rotary_tables", "unsupported_reason"]
@@ -84,7 +85,8 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why ``model`` cannot use the op (None: it can)."""
     config = model.config
     if config.model_type not in GQA_MODEL_TYPES:
-        return f"model type {config.model_type} (GroupQueryAttention: {', '.join(GQA_MODEL_TYPES)})"
+        return (f"model type {config.model_type} (GroupQueryAttention: "
+                f"{', '.join(GQA_MODEL_TYPES)})")
     attentions = attention_modules(model)
     head_dim = attentions[0].head_dim
     if head_dim % _HEAD_MULTIPLE:

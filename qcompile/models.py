@@ -47,8 +47,8 @@ SUPPORTED_ARCHITECTURES = (
 )
 #: routed-expert MLPs (a router picks experts per token): no lowering yet
 MIXTURE_OF_EXPERTS = (
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared",
-    "phimoe", "deepseek_v2", "deepseek_v3", "dbrx", "jetmoe", "gpt_oss", "llama4_text",
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe",
+    "granitemoeshared", "phimoe", "deepseek_v2", "deepseek_v3", "dbrx", "jetmoe", "gpt_oss", "llama4_text",
     "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe", "dots1", "cohere2_moe", "exaone_moe",
     "minimax", "minimax_m2", "lfm2_moe", "qwen3_next", "qwen3_5_moe_text", "granitemoehybrid",
     "jamba",
@@ -61,7 +61,8 @@ HYBRID_STATE_SPACE = (
     "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "minimax", "rwkv", "xlstm",
 )
 #: config keys that count routed experts (MoE models of types not listed above)
-_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts",
+                      "moe_num_experts")
 #: ``layer_types`` entries that are attention layers with a key/value cache
 _ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
 DEFAULT_MODEL = "default"
@@ -114,7 +115,7 @@ def _experts(config: dict) -> str | None:
 
 
 def _state_layers(config: dict) -> str | None:
-    """Why ``config`` has layers with a state other than a key/value cache (None: it has not)."""
+    """Why ``config`` has layers whose state is not a key/value cache (None: it has none)."""
     kinds = sorted({k for k in config.get("layer_types") or () if isinstance(k, str)}
                    - set(_ATTENTION_LAYERS))
     if kinds:
@@ -125,17 +126,17 @@ def _state_layers(config: dict) -> str | None:
 def _refused_for_features(config: dict, source: str) -> QcompileError | None:
     """The error naming the features that keep ``config``'s model out (None: none of them)."""
     model_type = config.get("model_type")
-    found = [(name, why) for name, why in (("mixture-of-experts layers", _experts(config)),
-                                           ("hybrid state-space layers", _state_layers(config)))
-             if why]
+    checks = (("mixture-of-experts layers", _experts(config)),
+              ("hybrid state-space layers", _state_layers(config)))
+    found = [(name, why) for name, why in checks if why]
     if not found:
         return None
     problem = (f"{model_type!r} in {source} has "
                + " and ".join(f"{name} ({why})" for name, why in found)
                + ", which qcompile cannot compile yet")
-    return QcompileError(problem, "qcompile compiles dense decoder-only models in which every "
-                         "layer is attention with a key/value cache (a per-token expert router "
-                         "and recurrent state have no lowering yet); supported: "
+    return QcompileError(problem, "qcompile compiles dense decoder-only models in which "
+                         "every layer is attention with a key/value cache (a per-token expert "
+                         "router and recurrent state have no lowering yet); supported: "
                          + ", ".join(SUPPORTED_ARCHITECTURES))
 
 
@@ -144,8 +145,9 @@ def _internlm2_error(source: str) -> QcompileError:
         f"'internlm2' in {source}: InternLM2 is not part of transformers; its modeling code "
         "ships in the model's hub repository (trust_remote_code), which qcompile does not run "
         "and cannot reach offline",
-        "InternLM3 ('internlm3') is in transformers and supported; an InternLM2 checkpoint "
-        "converted to the Llama layout (InternLM's tools/convert2llama.py) compiles as 'llama'")
+        "InternLM3 ('internlm3') is in transformers and supported; an InternLM2 "
+        "checkpoint converted to the Llama layout (InternLM's tools/convert2llama.py) "
+        "compiles as 'llama'")
 
 
 def _check_architecture(config: dict, source: str) -> str:

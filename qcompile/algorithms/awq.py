@@ -19,12 +19,12 @@ producing op, the linears it feeds). A group is listed only where folding is exa
   projections' outputs, which folding leaves unchanged.
 * Gemma 2 / Gemma 3: as Llama, but the MLP's input is ``pre_feedforward_layernorm``'s output;
   their ``post_*`` norms act on sub-layer outputs and are never producers.
-* Gemma's RMSNorm computes ``x * (1 + w)`` and Nemotron's LayerNorm1P ``norm(x) * (1 + w) + b``:
-  folding ``1/s`` into them sets ``w' = (1 + w) / s - 1`` (:func:`norm_weight_offset` finds
+* Gemma's RMSNorm computes ``x * (1 + w)`` and Nemotron's LayerNorm1P
+  ``norm(x) * (1 + w) + b``: folding ``1/s`` into them sets ``w' = (1 + w) / s - 1`` (:func:`norm_weight_offset` finds
   the ``1 +`` by running the norm, not from its class name).
 * OLMo-2 / OLMo-3 normalise *after* each sub-layer (attention and MLP read the raw
   residual): ``v_proj -> o_proj`` and ``up_proj -> down_proj`` only. OLMo-1's LayerNorm has no
-  weight and ``clip_qkv`` clamps v (``clamp(v / s) != clamp(v) / s``): ``up_proj -> down_proj``.
+  weight and ``clip_qkv`` clamps v (``clamp(v / s) != clamp(v) / s``): ``up -> down`` only.
 * Nemotron: as Llama without ``up -> down``: its MLP is ``down(relu(up)^2)``, and a square is
   not homogeneous of degree 1; ``post_attention_layernorm -> up``.
 * Phi: one LayerNorm feeds attention and MLP in parallel: ``input_layernorm -> q,k,v,fc1``;
