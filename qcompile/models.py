@@ -243,9 +243,21 @@ def _from_pretrained(location: str, kind: str, gguf_file: str | None):
         ) from exc
 
 
+#: a saved tokenizer leaves at least one of these in its directory
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                    "spiece.model", "vocab.txt")
+
+
 def _load_tokenizer(location: str, gguf_file: str | None):
+    """The source's tokenizer, or None where it has none. A directory without tokenizer files
+    gets None: transformers 5 otherwise builds an empty tokenizer of the model's class (Qwen2,
+    GPT-2, Gemma, OLMo, ...), on whose zero tokens calibration and verify would run."""
     from transformers import AutoTokenizer
 
+    directory = pathlib.Path(location)
+    if gguf_file is None and directory.is_dir() and not any(
+            (directory / name).is_file() for name in _TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
     except Exception:  # a model directory without tokenizer files is still compilable

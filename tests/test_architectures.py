@@ -243,3 +243,12 @@ def test_internlm2_is_refused_with_what_to_do_instead(tmp_path):
     problem, hint = info.value.problem, info.value.hint
     assert "not part of transformers" in problem and "trust_remote_code" in problem
     assert "internlm3" in hint and "supported" in hint
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma", "olmo"])
+def test_a_directory_without_tokenizer_files_has_no_tokenizer(arch, tiny_model_dir):
+    """transformers 5 builds an empty tokenizer of these models' classes from nothing; the
+    bundle would ship it and calibration (``+kv8-gqa`` scales) would find zero tokens."""
+    from qcompile.models import load_model
+
+    assert load_model(str(tiny_model_dir(arch))).tokenizer is None
