@@ -261,6 +261,9 @@ def test_sample_table_recipes_load_with_32_calibration_windows():
     assert len(calibrated) >= 19 and len(files) > len(calibrated)
     for file in files:
         step = load_recipe(str(file)).steps[0]
+        if file.name.startswith("peer-"):  # the weight-only peer rows: int4, 32 x 512 tokens
+            assert (step.options.bits, step.options.calibration.samples) == (4, 32), file.name
+            continue
         assert f"w{step.options.bits}" == file.name[:2], file.name
         if file in calibrated:
             assert step.options.calibration.samples == 32, file.name
