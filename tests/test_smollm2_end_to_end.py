@@ -35,7 +35,10 @@ def test_default_model_compile_verify_eval(tmp_path):
     result = run_cli("verify", str(bundle))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((bundle / "report.json").read_text())
-    assert report["parity"]["passed"] and report["parity"]["decode"]["tokens_equal"]
+    # level 4 runs activations in int8 in ORT and the torch reference in float: tokens may
+    # part after a few steps, so the decode stage checks teacher-forced logits (rel L2, top-1)
+    assert report["parity"]["passed"] and report["parity"]["decode"]["passed"]
+    assert report["parity"]["decode"]["top1"] >= 0.9
     assert report["parity"]["integer_codes"]["mismatched"] == []
 
     result = run_cli("eval", str(bundle), "--windows", "2", "--seq-len", "256", "--reference")
