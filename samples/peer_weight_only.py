@@ -194,17 +194,30 @@ def measure_row(row: Row, out: pathlib.Path, model_dir, tokens, venvs, windows) 
     return result
 
 
+def _seconds(r: dict):
+    """Quantization time alone: the peer's own call, or our calibrated pass."""
+    if "peer" in r:
+        return r["peer"]["quantize_s"]
+    return (r.get("calibration") or {}).get("seconds")
+
+
 def markdown(results: list[dict]) -> str:
-    lines = ["| setting | tool / method | " + " | ".join(TEXTS) + " | model bytes | verify |",
-             "|" + "---|" * (len(TEXTS) + 4)]
+    fp32 = next((r["perplexity"] for r in results if r["kind"] == "fp32"), None)
+    lines = ["| setting | tool / method | " + " | ".join(TEXTS) +
+             " | model bytes | quantize s | verify |", "|" + "---|" * (len(TEXTS) + 5)]
     for r in results:
-        cells = [f"{r['perplexity'][t]['perplexity']:.3f}" if t in r.get("perplexity", {})
-                 else "" for t in TEXTS]
+        cells = []
+        for text in TEXTS:
+            ppl = r.get("perplexity", {}).get(text, {}).get("perplexity")
+            delta = "" if ppl is None or fp32 is None or r["kind"] == "fp32" else \
+                f" ({100 * (ppl / fp32[text]['perplexity'] - 1):+.1f} %)"
+            cells.append("" if ppl is None else f"{ppl:.3f}{delta}")
         ours = r["kind"] in ("ours", "fp32") and "model_bytes" in r
         size = f"{r['model_bytes']:,}" if ours else "n/a (float export)"
+        seconds = _seconds(r)
         verify = {True: "pass", False: "FAIL"}.get(r.get("verify"), "n/a")
-        lines.append(f"| {r['setting']} | {r['tool']} | " + " | ".join(cells) +
-                     f" | {size} | {verify} |")
+        lines.append(f"| {r['setting']} | {r['tool']} | " + " | ".join(cells) + f" | {size} | "
+                     f"{'' if seconds is None else f'{seconds:,.0f}'} | {verify} |")
     return "\n".join(lines) + "\n"
 
 
