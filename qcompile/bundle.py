@@ -11,20 +11,19 @@ removes it (:func:`remove_stale_temporaries`) and leaves those of live processes
 
 :func:`check_output_path` runs every output check that needs no model, before it loads: an
 existing output, a parent that is a file, a path that cannot be created, too little free space
-for :func:`estimate_bundle_bytes` (a lower bound from the source's tensor shapes and the recipe).
+for :func:`qcompile.bundle_size.estimate_bundle_bytes` (a lower bound from the source's
+tensor shapes and the recipe).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import pathlib
 import re
 import shutil
 import signal
-import struct
 import tempfile
 import threading
 
@@ -36,8 +35,6 @@ __all__ = [
     "check_output",
     "check_output_path",
     "check_free_space",
-    "estimate_bundle_bytes",
-    "matrix_bits",
     "remove_stale_temporaries",
     "atomic_directory",
     "directory_bytes",
@@ -51,11 +48,6 @@ REPORT_FILE = "report.json"
 #: (pids have at most 7 digits: Linux's pid_max is at most 2^22)
 TEMPORARY_NAME_EXTRA = 18
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_MAX_HEADER = 100_000_000  # safetensors' own limit on a header's JSON
-#: GGUF metadata value types: bytes of each scalar type, and the string and array types
-_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGUF_MAX_RANK = 4
 
 
 def check_output(out_dir: pathlib.Path, force: bool) -> None:
@@ -120,131 +112,13 @@ def _check_name_lengths(out_dir: pathlib.Path, home: pathlib.Path) -> None:
 
 
 def check_free_space(out_dir: pathlib.Path, needed: int, free: int) -> None:
-    """Refuse when ``free`` bytes cannot hold the ``needed`` of :func:`estimate_bundle_bytes`:
-    better now than a full disk after the whole compile."""
+    """Refuse when ``free`` bytes cannot hold the ``needed`` bytes of the size estimate
+    (:mod:`qcompile.bundle_size`): better now than a full disk after the whole compile."""
     if free < needed:
         raise QcompileError(
             f"not enough free space for {out_dir}: the bundle needs at least "
             f"{needed / 1e6:,.1f} MB and only {free / 1e6:,.1f} MB are free there",
             "free some space, or choose an -o on another disk")
-
-
-def estimate_bundle_bytes(source: str | None, recipe) -> int | None:
-    """A lower bound of the bundle's size, or None where it is unknown before loading (a hub
-    id, an unreadable file: loading then says what is wrong).
-
-    Matrices count at :func:`matrix_bits`, vectors (norms, biases) at float32; tensors of more
-    than two dimensions (GPT-2's saved causal masks) are not weights and are left out. Real
-    bundles are larger (8-bit embedding and lm_head, zero points, a tied head stored twice, the
-    graph and the tokenizer; SmolLM2 w4a16-rtn: ~72 MB estimated, 126 MB written), so only a
-    disk that cannot hold the bundle is refused, never a compile that would fit.
-    """
-    elements = _source_elements(source)
-    if elements is None:
-        return None
-    matrices, vectors = elements
-    return int(matrices * matrix_bits(recipe) / 8 + vectors * 4)
-
-
-def matrix_bits(recipe) -> float:
-    """Bits per matrix element the bundle stores at least: the body's container width (3-bit
-    codes take 4) plus one float32 scale per group; 32 without weight quantization."""
-    options = recipe.weight_options()
-    if options is None:
-        return 32.0
-    from qcompile.weight_format import container_bits
-
-    spec = options.body_spec()
-    return container_bits(spec.bits) + (32 / spec.group_size if spec.group_size > 0 else 0)
-
-
-def _source_elements(source: str | None) -> tuple[int, int] | None:
-    """``(matrix elements, vector elements)`` of a local source, read from the tensor headers
-    only (no weights); a directory without safetensors counts its ``*.bin`` bytes as float32
-    matrices. None for a hub id or unreadable headers."""
-    path = _local_source(source)
-    try:
-        if path is None:
-            return None
-        if path.is_file():
-            return _gguf_elements(path)
-        shards = sorted(path.glob("*.safetensors"))
-        if not shards:
-            return sum(p.stat().st_size for p in path.glob("*.bin")) // 4, 0
-        counts = [_safetensors_elements(shard) for shard in shards]
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return None
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
-
-
-def _local_source(source: str | None) -> pathlib.Path | None:
-    """The model directory or GGUF file ``source`` names (the default: the packaged GGUF)."""
-    from qcompile.models import DEFAULT_MODEL, default_model_path
-
-    if source in (None, "", DEFAULT_MODEL):
-        return default_model_path()
-    path = pathlib.Path(source).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
-        return path
-    return None
-
-
-def _split_elements(shapes) -> tuple[int, int]:
-    """``(elements of 2-D tensors, elements of 0-/1-D tensors)``; higher ranks are ignored."""
-    sizes = [(len(shape), math.prod(shape)) for shape in shapes]
-    return (sum(n for rank, n in sizes if rank == 2), sum(n for rank, n in sizes if rank < 2))
-
-
-def _safetensors_elements(path: pathlib.Path) -> tuple[int, int]:
-    """Element counts from a safetensors header: 8 bytes of length, then JSON shapes."""
-    with open(path, "rb") as file:
-        length = int.from_bytes(file.read(8), "little")
-        if length > _MAX_HEADER:
-            raise ValueError(f"{path}: header of {length} bytes")
-        header = json.loads(file.read(length))
-    return _split_elements(t["shape"] for name, t in header.items() if name != "__metadata__")
-
-
-def _gguf_elements(path: pathlib.Path) -> tuple[int, int]:
-    """Element counts from a GGUF file's tensor table (format v2/v3, little-endian). The
-    key-value header before it is skipped, not decoded: gguf's ``GGUFReader`` decodes every
-    vocabulary entry, ~6 s for SmolLM2's, which ``load_model`` already pays once."""
-    with open(path, "rb") as file:
-        magic, version, tensors, pairs = _unpack(file, "4sIQQ")
-        if magic != b"GGUF" or version not in (2, 3):
-            raise ValueError(f"{path}: not a GGUF v2/v3 file")
-        for _ in range(pairs):
-            _skip_gguf_value(file, _GGUF_STRING)
-            _skip_gguf_value(file, _unpack(file, "I")[0])
-        shapes = []
-        for _ in range(tensors):
-            _skip_gguf_value(file, _GGUF_STRING)
-            (rank,) = _unpack(file, "I")
-            if rank > _GGUF_MAX_RANK:
-                raise ValueError(f"{path}: a tensor of rank {rank}")
-            shapes.append(_unpack(file, f"{rank}Q"))
-            _unpack(file, "IQ")  # the tensor's type and data offset
-    return _split_elements(shapes)
-
-
-def _unpack(file, layout: str) -> tuple:
-    size = struct.calcsize(f"<{layout}")
-    return struct.unpack(f"<{layout}", file.read(size))
-
-
-def _skip_gguf_value(file, kind: int) -> None:
-    """Read past one GGUF metadata value of type ``kind`` (a string, an array, a scalar)."""
-    if kind == _GGUF_STRING:
-        file.seek(_unpack(file, "Q")[0], os.SEEK_CUR)
-    elif kind == _GGUF_ARRAY:
-        item, count = _unpack(file, "IQ")
-        if item in _GGUF_SCALAR_BYTES:
-            file.seek(count * _GGUF_SCALAR_BYTES[item], os.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_gguf_value(file, item)
-    else:
-        file.seek(_GGUF_SCALAR_BYTES[kind], os.SEEK_CUR)
 
 
 def _old_path(out_dir: pathlib.Path) -> pathlib.Path:

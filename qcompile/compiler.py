@@ -17,8 +17,8 @@ import torch
 
 from qcompile import __version__
 from qcompile.attention_capture import unsupported_reason
-from qcompile.bundle import (atomic_directory, check_output_path, directory_bytes,
-                             estimate_bundle_bytes, write_report)
+from qcompile.bundle import atomic_directory, check_output_path, directory_bytes, write_report
+from qcompile.bundle_size import estimate_bundle_bytes
 from qcompile.calibration_record import save_record
 from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import subprocess
-import sys
+
+from sample_commands import builder_bundle, qcompile
 
 BUNDLES = [  # (name, recipe, accuracy level, builder peer to bench against)
     ("fp32", "fp32", 0, "builder-fp32"),
@@ -38,33 +38,6 @@ BUNDLES = [  # (name, recipe, accuracy level, builder peer to bench against)
 #: bundles also benched with a long prompt, where cache reads weigh on each decode step
 LONG_PROMPT_TOKENS = 1536
 LONG_PROMPT = ("gptq-s32", "gptq-s32+kv8-gqa")
-
-
-def run(*command: str) -> None:
-    print("$", " ".join(command), flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode not in (0, 1):
-        sys.stderr.write(result.stderr[-3000:])
-        raise SystemExit(f"failed: {' '.join(command)}")
-
-
-def qcompile(*args: str) -> None:
-    run(sys.executable, "-m", "qcompile", *args)
-
-
-def builder(out: pathlib.Path, precision: str, source_dir: str) -> pathlib.Path:
-    bundle = out / f"builder-{precision}"
-    if not (bundle / "model.onnx").exists():
-        run(sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", source_dir,
-            "-o", str(bundle), "-p", precision, "-e", "cpu", "-c", str(out / "builder-cache"))
-    return bundle
-
-
-def source_directory() -> str:
-    """The default model as a Hugging Face directory (the builder reads directories)."""
-    from qcompile.models import _gguf_as_directory, default_model_path
-
-    return str(_gguf_as_directory(default_model_path()))
 
 
 def builder_perplexity(bundle: pathlib.Path, windows: int) -> dict:
@@ -88,16 +61,15 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    source = source_directory()
-    peers = {p: builder(args.out, p.split("-")[1], source) for p in ("builder-fp32",
-                                                                     "builder-int4")}
+    peers = {f"builder-{p}": builder_bundle(args.out, p)[0] for p in ("fp32", "int4")}
     results: dict = {"bundles": {}, "bench": {}, "builder_perplexity": {}}
     for name, recipe, level, peer in BUNDLES:
         bundle = args.out / name
         if not (bundle / "report.json").exists():
             qcompile("compile", "-r", recipe, "--accuracy-level", str(level), "-o", str(bundle))
-        qcompile("verify", str(bundle))
-        qcompile("eval", str(bundle), "--windows", str(args.windows), "--no-source")
+        qcompile("verify", str(bundle), accept=(0, 1))
+        qcompile("eval", str(bundle), "--windows", str(args.windows), "--no-source",
+                 accept=(0, 1))
         results["bundles"][name] = json.loads((bundle / "report.json").read_text())
         if peer:
             qcompile("bench", str(bundle), "--vs", str(peers[peer]), "--runs", str(args.runs),

@@ -19,44 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import subprocess
-import sys
-import time
+
+from sample_commands import builder_bundle, qcompile
 
 TEXTS = ("default", "python-code", "release-notes")
 PROMPTS = (128, 1024)
-
-
-def run(*command: str) -> float:
-    """Run ``command``, failing loudly; returns its wall seconds."""
-    print("$", " ".join(command), flush=True)
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.stderr.write(result.stdout[-2000:] + result.stderr[-3000:])
-        raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}")
-    return time.perf_counter() - start
-
-
-def qcompile(*args: str) -> float:
-    return run(sys.executable, "-m", "qcompile", *args)
-
-
-def source_directory() -> str:
-    """The default model as a Hugging Face directory (the builder reads directories)."""
-    from qcompile.models import _gguf_as_directory, default_model_path
-
-    return str(_gguf_as_directory(default_model_path()))
-
-
-def builder_int4(out: pathlib.Path) -> tuple[pathlib.Path, float | None]:
-    bundle = out / "builder-int4"
-    if (bundle / "model.onnx").exists():
-        return bundle, None
-    seconds = run(sys.executable, "-m", "onnxruntime_genai.models.builder", "-i",
-                  source_directory(), "-o", str(bundle), "-p", "int4", "-e", "cpu",
-                  "-c", str(out / "builder-cache"))
-    return bundle, seconds
 
 
 def perplexities(bundle: pathlib.Path, windows: int) -> dict:
@@ -119,7 +86,7 @@ def main(argv=None) -> None:
                         help="reuse OUT/default (its report's compile seconds)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    peer, builder_s = builder_int4(args.out)
+    peer, builder_s = builder_bundle(args.out, "int4")
     bundle = args.out / "default"
     if not args.skip_compile:
         qcompile("compile", "-o", str(bundle), "--force")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import pathlib
 
 import onnx
 import onnxruntime as ort
@@ -32,6 +33,19 @@ def test_onnx_qdq_is_standard_onnx(qdq_bundle):
     ops = _ops(qdq_bundle / "model.onnx")
     assert ops["DequantizeLinear"] == 2 * 7 + 1 + 1  # 7 linears a layer, lm_head, embedding
     assert "MatMulNBits" not in ops
+
+
+def test_bundle_holds_no_build_paths(qdq_bundle):
+    """Node stack traces would ship this checkout's absolute paths; the layer scopes stay."""
+    import qcompile
+
+    source_root = str(pathlib.Path(qcompile.__file__).resolve().parents[1])
+    assert source_root.encode() not in (qdq_bundle / "model.onnx").read_bytes()
+    keys = {p.key for n in onnx.load(str(qdq_bundle / "model.onnx"),
+                                     load_external_data=False).graph.node
+            for p in n.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" not in keys
+    assert "pkg.torch.onnx.name_scopes" in keys
 
 
 def test_onnxruntime_fuses_qdq_into_matmul_nbits(qdq_bundle, tmp_path):

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from qcompile.bundle import (atomic_directory, check_free_space, estimate_bundle_bytes,
+from qcompile.bundle_size import estimate_bundle_bytes
+from qcompile.bundle import (atomic_directory, check_free_space,
                              remove_stale_temporaries)
 from qcompile.errors import QcompileError
 from qcompile.models import default_model_path

@@ -30,6 +30,7 @@ __all__ = ["export_onnx", "MODEL_FILE", "DATA_FILE", "OPSET"]
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 OPSET = 21
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 _POST_EXPORT = {
     "contrib_to_qdq": contrib_to_qdq,
     "padded_per_channel_to_qdq": padded_per_channel_to_qdq,
@@ -81,6 +82,15 @@ def _all_values(graph: ir.Graph):
         yield from node.outputs
 
 
+def drop_stack_traces(model: ir.Model) -> None:
+    """Remove torch.onnx's per-node Python stack traces: they hold this machine's absolute
+    source paths and line numbers, so a shipped model would leak build paths and no two
+    checkouts (or two versions of qcompile's source) would write the same bytes. The
+    ``name_scopes`` the ladder localises layers with stay."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.pop(STACK_TRACE_KEY, None)
+
+
 def _cleanup(model: ir.Model) -> ir.Model:
     for cleanup in (
         common_passes.RemoveUnusedNodesPass(),
@@ -115,6 +125,7 @@ def export_onnx(
         model, packs = pack_sibling_matmuls(model)
         fusions.update({"packed_matmul_nbits": packs} if packs else {})
     model = _cleanup(share_tied_tables(model))  # last: constant folding would copy it again
+    drop_stack_traces(model)
     model.producer_name = "qcompile"
     path = out_dir / MODEL_FILE
     ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
