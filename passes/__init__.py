@@ -1,4 +1,7 @@
-"""Graph passes, one per file, each registered by name on import (see ``qcompile.pass_infra``)."""
+"""Graph passes, one per file, each registered by name on import (see ``qcompile.pass_infra``).
+
+:func:`get_pass` is the lookup recipes use: importing this package registers every built-in.
+"""
 
 from __future__ import annotations
 
@@ -6,5 +9,16 @@ from qcompile.passes import pack_weights, quantize_kv_cache, quantize_weights_rt
 from qcompile.passes import awq, gptq  # noqa: F401  (after the RTN pass they build on)
 from qcompile.passes import adadim  # noqa: F401  (after gptq, whose options it extends)
 from qcompile.passes import flexround  # noqa: F401
+from qcompile.errors import QcompileError
+from qcompile.pass_infra import PASS_REGISTRY, QPass
 
-__all__ = ["adadim", "awq", "gptq", "pack_weights", "quantize_kv_cache", "quantize_weights_rtn"]
+__all__ = ["get_pass", "adadim", "awq", "gptq", "pack_weights", "quantize_kv_cache", "quantize_weights_rtn"]
+
+
+def get_pass(name: str) -> type[QPass]:
+    """The registered pass ``name``; an unknown name lists the available ones."""
+    if name not in PASS_REGISTRY:
+        raise QcompileError(
+            f"unknown pass {name!r}", f"available passes: {', '.join(sorted(PASS_REGISTRY))}"
+        )
+    return PASS_REGISTRY[name]

@@ -5,8 +5,9 @@ A pass follows ``torch.fx``'s ``PassBase`` contract (``call(gm) -> PassResult``,
 recipes fill in from YAML/JSON (validated with messages that name the field), and a shared
 :class:`PassContext` where passes record what they did for ``report.json``.
 
-Passes register themselves by name with :func:`register_pass` when :mod:`qcompile.passes` is
-imported. A failing pass is reported with its name and the passes that ran before it.
+Passes register themselves by name with :func:`register_pass` when their module is imported;
+:func:`qcompile.passes.get_pass` imports them all and looks one up (this module imports no
+pass, so no pass module depends on itself through it). A failing pass is reported with its name and the passes that ran before it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ __all__ = [
     "QPass",
     "PASS_REGISTRY",
     "register_pass",
-    "get_pass",
     "build_options",
     "run_passes",
 ]
@@ -86,16 +86,6 @@ def register_pass(cls: type[QPass]) -> type[QPass]:
         raise ValueError(f"pass name {cls.name!r} is empty or already registered")
     PASS_REGISTRY[cls.name] = cls
     return cls
-
-
-def get_pass(name: str) -> type[QPass]:
-    import qcompile.passes  # noqa: F401  (registers the built-in passes)
-
-    if name not in PASS_REGISTRY:
-        raise QcompileError(
-            f"unknown pass {name!r}", f"available passes: {', '.join(sorted(PASS_REGISTRY))}"
-        )
-    return PASS_REGISTRY[name]
 
 
 def _check_type(value, annotation, where: str):

@@ -24,7 +24,8 @@ import pathlib
 import yaml
 
 from qcompile.errors import QcompileError
-from qcompile.pass_infra import PassContext, QPass, build_options, get_pass
+from qcompile.pass_infra import PassContext, QPass, build_options
+from qcompile.passes import get_pass
 
 __all__ = [
     "Recipe",

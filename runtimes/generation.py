@@ -27,6 +27,8 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from qcompile.errors import QcompileError
+from qcompile.runtimes.cache_layout import (PAST_PREFIX, PRESENT_PREFIX, CacheSlot, GraphOutput,
+                                            cache_bytes_per_token, cache_slots, graph_outputs)
 from qcompile.runtimes.ort_runner import session_options
 
 __all__ = [
@@ -56,21 +58,6 @@ __all__ = [
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-PAST_PREFIX = "past_key_values."
-PRESENT_PREFIX = "present."
-
-_ORT_TYPE_NAMES = {"float32": "tensor(float)", "float16": "tensor(float16)",
-                   "uint8": "tensor(uint8)", "int8": "tensor(int8)", "int32": "tensor(int32)",
-                   "int64": "tensor(int64)"}
-_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(uint8)": np.uint8,
-    "tensor(int8)": np.int8,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-}
-
 
 # --------------------------------------------------------------------------- bundle files
 
@@ -146,119 +133,6 @@ def model_bytes(bundle) -> int:
 
 
 # --------------------------------------------------------------------------- cache layout
-
-
-def _sequence_axis(shape: Sequence, words: tuple[str, ...]) -> int:
-    for axis, dim in enumerate(shape):
-        if isinstance(dim, str) and any(w in dim for w in words):
-            return axis
-    return 2
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheSlot:
-    """One cache tensor: graph input ``past``, fed from graph output ``present`` next step."""
-
-    past: str
-    present: str
-    dtype: type
-    shape: tuple  # the input's declared shape (ints and symbolic names)
-    past_axis: int
-
-    def empty(self, batch: int, head_size: int | None) -> np.ndarray:
-        """The zero-length cache fed on the first step."""
-        dims = []
-        for axis, dim in enumerate(self.shape):
-            if axis == self.past_axis:
-                dims.append(0)
-            elif axis == 0:
-                dims.append(batch)
-            elif isinstance(dim, int):
-                dims.append(dim)
-            elif axis == len(self.shape) - 1 and head_size:
-                dims.append(head_size)
-            else:
-                raise QcompileError(
-                    f"cache input {self.past} has a symbolic dimension {dim!r} at axis {axis}",
-                    "export the cache with static head and head-size dimensions")
-        return np.zeros(dims, dtype=self.dtype)
-
-
-def cache_slots(session: ort.InferenceSession) -> list[CacheSlot]:
-    """The cache inputs of ``session`` paired with their present outputs."""
-    outputs = {o.name for o in session.get_outputs()}
-    slots = []
-    for node in session.get_inputs():
-        if not node.name.startswith(PAST_PREFIX):
-            continue
-        present = PRESENT_PREFIX + node.name[len(PAST_PREFIX):]
-        if present not in outputs:
-            raise QcompileError(f"cache input {node.name} has no matching output {present}",
-                                "every past_key_values.X input needs a present.X output")
-        if node.type not in _DTYPES:
-            raise QcompileError(f"cache input {node.name} has unsupported type {node.type}",
-                                "use a float32, float16, uint8 or int8 cache")
-        shape = tuple(node.shape)
-        slots.append(CacheSlot(node.name, present, _DTYPES[node.type], shape,
-                               _sequence_axis(shape, ("past",))))
-    return slots
-
-
-def cache_bytes_per_token(outputs, head_size: int | None = None) -> int:
-    """Cache bytes one more position costs (batch 1), from the present outputs' shapes.
-
-    Sums, over every ``present.*`` output, the product of its dimensions other than batch
-    (axis 0) and the sequence axis, times the element size. A symbolic last dimension (the
-    builder's ``kv_cache_dim``) is taken as ``head_size``.
-
-    Args:
-        outputs: graph outputs with ``name``, ``shape`` and ``type`` ("tensor(float)"), as
-            ``InferenceSession.get_outputs()`` or :func:`graph_outputs` return them.
-        head_size: value for a symbolic last dimension (genai_config ``head_size``).
-    """
-    total = 0
-    for node in outputs:
-        if not node.name.startswith(PRESENT_PREFIX):
-            continue
-        shape = list(node.shape)
-        seq_axis = _sequence_axis(shape, ("past", "total"))
-        size = np.dtype(_DTYPES.get(node.type, np.float32)).itemsize
-        for axis, dim in enumerate(shape):
-            if axis in (0, seq_axis):
-                continue
-            if isinstance(dim, int):
-                size *= dim
-            elif axis == len(shape) - 1 and head_size:
-                size *= head_size
-            else:
-                raise QcompileError(
-                    f"present output {node.name} has a symbolic dimension {dim!r} at axis {axis}",
-                    "export the cache with static head and head-size dimensions")
-        total += size
-    return total
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphOutput:
-    """A graph output's name, shape and ORT-style type string (read without the weights)."""
-
-    name: str
-    shape: tuple
-    type: str
-
-
-def graph_outputs(model_path) -> list[GraphOutput]:
-    """The outputs of an ONNX file, read without loading its external weights."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    outputs = []
-    for node in graph.output:
-        tensor = node.type.tensor_type
-        shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim)
-        type_name = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-        outputs.append(GraphOutput(node.name, shape, _ORT_TYPE_NAMES.get(type_name, type_name)))
-    return outputs
 
 
 def bundle_cache_bytes_per_token(bundle) -> int:

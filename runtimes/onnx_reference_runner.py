@@ -16,7 +16,7 @@ from onnx.reference.op_run import OpRun
 
 from qcompile.ops import dequantize_packed
 
-__all__ = ["ReferenceRunner", "MAX_REFERENCE_PARAMETERS"]
+__all__ = ["ReferenceRunner", "MAX_REFERENCE_PARAMETERS", "empty_past_feeds"]
 
 #: ``onnx.reference`` is pure numpy and slow: only models up to this size are run through it
 MAX_REFERENCE_PARAMETERS = 20_000_000
@@ -83,11 +83,11 @@ class ReferenceRunner:
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64),
                  "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
-        feeds.update(_empty_cache(self.evaluator.proto_.graph, len(input_ids)))
+        feeds.update(empty_past_feeds(self.evaluator.proto_.graph, len(input_ids)))
         return self.evaluator.run(None, feeds)[0]
 
 
-def _empty_cache(graph: onnx.GraphProto, batch: int) -> dict[str, np.ndarray]:
+def empty_past_feeds(graph: onnx.GraphProto, batch: int) -> dict[str, np.ndarray]:
     """Zero-length past feeds (the first decoder step), shaped from the graph inputs."""
     feeds = {}
     for value in graph.input:

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qcompile.runtimes.cache_layout import cache_slots
+
 __all__ = ["OrtRunner", "session_options", "with_extra_outputs", "empty_cache_feeds"]
 
 
@@ -64,10 +66,8 @@ class OrtRunner:
 
 def empty_cache_feeds(session, batch: int, head_size: int | None = None
                       ) -> dict[str, np.ndarray]:
-    """Zero-length ``past_key_values.*`` feeds for a first step (the generation loop's cache
-    slots decide shapes and dtypes; imported here because generation builds on this module)."""
-    from qcompile.runtimes.generation import cache_slots
-
+    """Zero-length ``past_key_values.*`` feeds for a first step (the cache slots decide
+    shapes and dtypes)."""
     return {slot.past: slot.empty(batch, head_size) for slot in cache_slots(session)}
 
 

@@ -128,9 +128,9 @@ class _TokenWindows:
     def __init__(self, model: onnx.ModelProto, windows):
         import numpy as np
 
-        from qcompile.runtimes.onnx_reference_runner import _empty_cache
+        from qcompile.runtimes.onnx_reference_runner import empty_past_feeds
 
-        past = _empty_cache(model.graph, 1)
+        past = empty_past_feeds(model.graph, 1)
         self._feeds = [{"input_ids": w.reshape(1, -1).numpy().astype(np.int64),
                         "attention_mask": np.ones((1, w.numel()), dtype=np.int64), **past}
                        for w in windows]

@@ -17,92 +17,48 @@ contrib form on either target.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import torch
 
 from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN
 from qcompile.lowering.per_ic import per_ic_to_qdq
+from qcompile.lowering.qdq_graph import (add_initializer, attribute, constant,
+                                         replace_by_dq_matmul, replace_node, typed_codes)
 from qcompile.weight_format import unpack_codes, unpack_zero_points
 
 __all__ = ["contrib_to_qdq", "padded_per_channel_to_qdq"]
 
-_SIGNED = {4: ml_dtypes.int4, 8: np.int8}
-_UNSIGNED = {4: ml_dtypes.uint4, 8: np.uint8}
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def _const(value: ir.Value) -> np.ndarray:
-    if value.const_value is None:
-        raise ValueError(f"{value.name} must be a constant initializer")
-    return value.const_value.numpy()
-
-
-def _typed_codes(codes: np.ndarray, zeros: np.ndarray | None, cbits: int):
-    """Codes (and zero points) in the ONNX type: signed and centred when symmetric."""
-    if zeros is None:
-        return (codes.astype(np.int16) - (1 << (cbits - 1))).astype(_SIGNED[cbits]), None
-    return codes.astype(_UNSIGNED[cbits]), zeros.astype(_UNSIGNED[cbits])
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape = ir.Shape(array.shape)
-    value.type = ir.TensorType(ir.tensor(array).dtype)
-    graph.register_initializer(value)
-    return value
-
-
 def _weight_dq(graph, node: ir.Node, name: str) -> ir.Node:
     """The DequantizeLinear that yields MatMulNBits' float ``[K, N]`` weight."""
-    k, block, cbits = _attr(node, "K"), _attr(node, "block_size"), _attr(node, "bits")
-    b, scales = _const(node.inputs[1]), _const(node.inputs[2])
+    k, block, cbits = attribute(node, "K"), attribute(node, "block_size"), attribute(node, "bits")
+    b, scales = constant(node.inputs[1]), constant(node.inputs[2])
     has_zp = len(node.inputs) > 3 and node.inputs[3] is not None
     codes = unpack_codes(torch.from_numpy(b), cbits, k).numpy()
     zeros = None
     if has_zp:
-        zp = torch.from_numpy(_const(node.inputs[3]))
+        zp = torch.from_numpy(constant(node.inputs[3]))
         zeros = unpack_zero_points(zp, cbits, scales.shape[1]).numpy()
-    codes, zeros = _typed_codes(codes, zeros, cbits)
+    codes, zeros = typed_codes(codes, zeros, cbits)
     per_channel = scales.shape[1] == 1
     scale_kn = scales[:, 0] if per_channel else scales.T
     inputs = [
-        _initializer(graph, f"{name}.weight_q", np.ascontiguousarray(codes.T)),
-        _initializer(graph, f"{name}.weight_scale", np.ascontiguousarray(scale_kn)),
+        add_initializer(graph, f"{name}.weight_q", np.ascontiguousarray(codes.T)),
+        add_initializer(graph, f"{name}.weight_scale", np.ascontiguousarray(scale_kn)),
     ]
     if zeros is not None:
         zero_kn = zeros[:, 0] if per_channel else zeros.T
-        inputs.append(_initializer(graph, f"{name}.weight_zero_point", np.ascontiguousarray(zero_kn)))
+        inputs.append(add_initializer(graph, f"{name}.weight_zero_point",
+                                      np.ascontiguousarray(zero_kn)))
     attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": block}
     return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{name}/DequantizeLinear")
-
-
-def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node]) -> None:
-    graph.insert_before(old, new_nodes)
-    old_name = old.outputs[0].name
-    new_nodes[-1].outputs[0].type = old.outputs[0].type
-    new_nodes[-1].outputs[0].shape = old.outputs[0].shape
-    ir.convenience.replace_all_uses_with(
-        old.outputs[0], new_nodes[-1].outputs[0], replace_graph_outputs=True
-    )
-    old.outputs[0].name = None
-    new_nodes[-1].outputs[0].name = old_name
-    graph.remove(old, safe=True)
 
 
 def _lower_matmul_nbits(graph: ir.Graph, node: ir.Node) -> None:
     name = node.inputs[1].name.removesuffix(".qweight").removesuffix("_qweight")
     dq = _weight_dq(graph, node, name)
-    nodes = [dq, ir.node("MatMul", [node.inputs[0], dq.outputs[0]], name=f"{name}/MatMul")]
     bias = node.inputs[5] if len(node.inputs) > 5 else None
-    if bias is not None:
-        nodes.append(ir.node("Add", [nodes[-1].outputs[0], bias], name=f"{name}/Add"))
-    _replace(graph, node, nodes)
+    replace_by_dq_matmul(graph, node, dq, name, bias)
 
 
 def _table_rows(data: ir.Value) -> np.ndarray:
@@ -110,9 +66,9 @@ def _table_rows(data: ir.Value) -> np.ndarray:
     a ``Reshape`` (see :mod:`qcompile.passes.pack_weights`)."""
     producer = data.producer()
     if data.const_value is None and producer is not None and producer.op_type == "Reshape":
-        shared = _const(producer.inputs[0])
+        shared = constant(producer.inputs[0])
         return shared.reshape(shared.shape[0], -1)
-    return _const(data)
+    return constant(data)
 
 
 def _lower_gather_block_quantized(graph: ir.Graph, node: ir.Node) -> None:
@@ -121,16 +77,16 @@ def _lower_gather_block_quantized(graph: ir.Graph, node: ir.Node) -> None:
     name = data.name.removesuffix(".qweight").removesuffix("_qweight")
     if zp is None:
         signed = (_table_rows(data).astype(np.int16) - 128).astype(np.int8)
-        data = _initializer(graph, f"{name}.qweight_int8", signed)
+        data = add_initializer(graph, f"{name}.qweight_int8", signed)
     gathers = [ir.node("Gather", [t, ids], attributes={"axis": 0}) for t in (data, scales, zp)
                if t is not None]
     dq = ir.node(
         "DequantizeLinear",
         [g.outputs[0] for g in gathers],
-        attributes={"axis": -1, "block_size": _attr(node, "block_size")},
+        attributes={"axis": -1, "block_size": attribute(node, "block_size")},
         name=f"{name}/DequantizeLinear",
     )
-    _replace(graph, node, [*gathers, dq])
+    replace_node(graph, node, [*gathers, dq])
 
 
 def contrib_to_qdq(model: ir.Model) -> ir.Model:
@@ -153,10 +109,10 @@ def contrib_to_qdq(model: ir.Model) -> ir.Model:
 def _is_padded_per_channel(node: ir.Node) -> bool:
     return (
         node.op_type == "MatMulNBits"
-        and _attr(node, "bits") in (4, 8)
+        and attribute(node, "bits") in (4, 8)
         and node.inputs[2].shape is not None
         and node.inputs[2].shape[1] == 1
-        and _attr(node, "block_size") > _attr(node, "K")
+        and attribute(node, "block_size") > attribute(node, "K")
     )
 
 

@@ -44,6 +44,8 @@ import onnxscript
 import torch
 from onnx.defs import OpSchema
 
+from qcompile.lowering.qdq_graph import (add_initializer, attribute, constant,
+                                         replace_by_dq_matmul, typed_codes)
 from qcompile.weight_format import per_ic_container_bits, unpack_per_ic
 
 __all__ = ["PLACEHOLDER_DOMAIN", "per_ic_translation_table", "per_ic_to_qdq"]
@@ -90,36 +92,29 @@ def per_ic_translation_table() -> dict:
 
 def _weight_dq(graph: ir.Graph, node: ir.Node, name: str) -> ir.Node:
     """The DequantizeLinear yielding the float ``[K, N]`` weight of one placeholder."""
-    from qcompile.lowering.contrib_to_qdq import _attr, _const, _initializer, _typed_codes
-
-    k, bits, block = _attr(node, "K"), _attr(node, "bits"), _attr(node, "block_size")
-    packed, scales = _const(node.inputs[1]), _const(node.inputs[2])
+    k, bits, block = attribute(node, "K"), attribute(node, "bits"), attribute(node, "block_size")
+    packed, scales = constant(node.inputs[1]), constant(node.inputs[2])
     zp = node.inputs[3] if len(node.inputs) > 3 else None
-    zp = None if zp is None else torch.from_numpy(_const(zp))
+    zp = None if zp is None else torch.from_numpy(constant(zp))
     codes, zeros = unpack_per_ic(torch.from_numpy(packed), zp, bits, k)
-    codes, zeros = _typed_codes(codes.numpy(), None if zeros is None else zeros.numpy(),
+    codes, zeros = typed_codes(codes.numpy(), None if zeros is None else zeros.numpy(),
                                 per_ic_container_bits(bits))
     per_channel = scales.shape[0] == 1
-    inputs = [_initializer(graph, f"{name}.weight_q", np.ascontiguousarray(codes.T)),
-              _initializer(graph, f"{name}.weight_scale",
+    inputs = [add_initializer(graph, f"{name}.weight_q", np.ascontiguousarray(codes.T)),
+              add_initializer(graph, f"{name}.weight_scale",
                            np.ascontiguousarray(scales[0] if per_channel else scales.T))]
     if zeros is not None:
-        inputs.append(_initializer(graph, f"{name}.weight_zero_point",
+        inputs.append(add_initializer(graph, f"{name}.weight_zero_point",
                                    np.ascontiguousarray(zeros[0] if per_channel else zeros.T)))
     attrs = {"axis": 0} if per_channel else {"axis": 1, "block_size": block}
     return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{name}/DequantizeLinear")
 
 
 def _lower(graph: ir.Graph, node: ir.Node) -> None:
-    from qcompile.lowering.contrib_to_qdq import _replace
-
     name = node.inputs[1].name.removesuffix(".qweight").removesuffix("_qweight")
     dq = _weight_dq(graph, node, name)
-    nodes = [dq, ir.node("MatMul", [node.inputs[0], dq.outputs[0]], name=f"{name}/MatMul")]
     bias = node.inputs[4] if len(node.inputs) > 4 else None
-    if bias is not None:
-        nodes.append(ir.node("Add", [nodes[-1].outputs[0], bias], name=f"{name}/Add"))
-    _replace(graph, node, nodes)
+    replace_by_dq_matmul(graph, node, dq, name, bias)
 
 
 def per_ic_to_qdq(model: ir.Model) -> ir.Model:

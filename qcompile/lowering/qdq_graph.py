@@ -1,0 +1,73 @@
+"""Graph helpers every Q/DQ lowering shares: read constant inputs, add initializers, type
+integer codes the ONNX way, and replace a quantized op by ``DequantizeLinear -> MatMul (-> Add)``.
+
+The contrib-op rewrite (:mod:`qcompile.lowering.contrib_to_qdq`) and the per-IC lowering
+(:mod:`qcompile.lowering.per_ic`) both build that chain; it lives here once, so neither
+imports the other.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["attribute", "constant", "typed_codes", "add_initializer", "replace_node",
+           "replace_by_dq_matmul"]
+
+_SIGNED = {4: ml_dtypes.int4, 8: np.int8}
+_UNSIGNED = {4: ml_dtypes.uint4, 8: np.uint8}
+
+
+def attribute(node: ir.Node, name: str, default=None):
+    """The value of ``node``'s attribute ``name`` (``default`` when unset)."""
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def constant(value: ir.Value) -> np.ndarray:
+    """The array of a constant initializer input; lowering reads weights, never activations."""
+    if value.const_value is None:
+        raise ValueError(f"{value.name} must be a constant initializer")
+    return value.const_value.numpy()
+
+
+def typed_codes(codes: np.ndarray, zeros: np.ndarray | None, cbits: int):
+    """Codes (and zero points) in the ONNX type: signed and centred when symmetric."""
+    if zeros is None:
+        return (codes.astype(np.int16) - (1 << (cbits - 1))).astype(_SIGNED[cbits]), None
+    return codes.astype(_UNSIGNED[cbits]), zeros.astype(_UNSIGNED[cbits])
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as the initializer ``name`` with its shape and type."""
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(ir.tensor(array).dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node]) -> None:
+    """Put ``new_nodes`` where ``old`` was; the last one's output takes over ``old``'s output
+    (name, type, shape and every use, graph outputs included)."""
+    graph.insert_before(old, new_nodes)
+    old_name = old.outputs[0].name
+    new_nodes[-1].outputs[0].type = old.outputs[0].type
+    new_nodes[-1].outputs[0].shape = old.outputs[0].shape
+    ir.convenience.replace_all_uses_with(
+        old.outputs[0], new_nodes[-1].outputs[0], replace_graph_outputs=True
+    )
+    old.outputs[0].name = None
+    new_nodes[-1].outputs[0].name = old_name
+    graph.remove(old, safe=True)
+
+
+def replace_by_dq_matmul(graph: ir.Graph, node: ir.Node, dq: ir.Node, name: str,
+                         bias: ir.Value | None) -> None:
+    """Replace the quantized linear ``node`` by ``MatMul(input 0, dq)`` (+ ``bias``): the
+    shape ONNX Runtime's ``DQMatMulToMatMulNBits`` fusion looks for."""
+    nodes = [dq, ir.node("MatMul", [node.inputs[0], dq.outputs[0]], name=f"{name}/MatMul")]
+    if bias is not None:
+        nodes.append(ir.node("Add", [nodes[-1].outputs[0], bias], name=f"{name}/Add"))
+    replace_node(graph, node, nodes)
