@@ -12,7 +12,7 @@ from qcompile.passes import flexround  # noqa: F401
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import PASS_REGISTRY, QPass
 
-__all__ = ["get_pass", "adadim", "awq", "gptq", "pack_weights", "quantize_kv_cache", "quantize_weights_rtn"]
+__all__ = ["get_pass", "ladder_stages", "adadim", "awq", "gptq", "pack_weights", "quantize_kv_cache", "quantize_weights_rtn"]
 
 
 def get_pass(name: str) -> type[QPass]:
@@ -22,3 +22,10 @@ def get_pass(name: str) -> type[QPass]:
             f"unknown pass {name!r}", f"available passes: {', '.join(sorted(PASS_REGISTRY))}"
         )
     return PASS_REGISTRY[name]
+
+
+def ladder_stages() -> dict[str, str]:
+    """``{stage name: ladder check}`` of every registered pass that snapshots a stage, which
+    ``verify`` turns into its torch stages."""
+    return {cls.ladder_stage: cls.ladder_check for cls in PASS_REGISTRY.values()
+            if cls.ladder_stage}

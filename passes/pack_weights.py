@@ -63,6 +63,7 @@ def _tied_embedding_and_head(quantized, layers: dict):
 class PackWeights(QPass):
     name = "pack_weights"
     ladder_stage = "lowered"
+    ladder_check = "exact"  # the packed ops compute the fake-quant weights exactly
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         quantized = [(n, n.meta[QWEIGHT_META]) for n in graph_module.graph.nodes

@@ -105,6 +105,7 @@ class KVOptions:
 @register_pass
 class QuantizeKVCache(QPass):
     name = "quantize_kv_cache"
+    quantizes = "kv_cache"
     Options = KVOptions
     ladder_stage = "kv-quant"
 

@@ -83,6 +83,7 @@ def _weight_arg(node: torch.fx.Node, role: str) -> torch.fx.Node:
 @register_pass
 class QuantizeWeightsRTN(QPass):
     name = "quantize_weights_rtn"
+    quantizes = "weights"  # and every pass built on it (GPTQ, AWQ, FlexRound, AdaDim ...)
     Options = RTNOptions
     ladder_stage = "fake-quant"
 

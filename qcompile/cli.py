@@ -16,6 +16,7 @@ from rich.table import Table
 from qcompile.console import console
 from qcompile.errors import QcompileError
 from qcompile.recipes import DEFAULT_RECIPES
+from qcompile.targets import target_names
 
 __all__ = ["main", "cli"]
 
@@ -33,10 +34,10 @@ def cli() -> None:
 @cli.command()
 @click.argument("source", required=False)
 @click.option("-r", "--recipe", help="built-in recipe name or a .yaml/.json recipe file "
-              f"[default: {DEFAULT_RECIPES['ort']} for ort, {DEFAULT_RECIPES['onnx-qdq']} for "
-              "onnx-qdq]")
-@click.option("-t", "--target", default="ort", show_default=True,
-              type=click.Choice(["ort", "onnx-qdq"]), help="lowering target")
+              "[default: " + ", ".join(f"{recipe} for {target}"
+                                       for target, recipe in DEFAULT_RECIPES.items()) + "]")
+@click.option("-t", "--target", default=target_names()[0], show_default=True,
+              type=click.Choice(target_names()), help="lowering target")
 @click.option("-o", "--output", type=click.Path(path_type=pathlib.Path),
               help="bundle directory [default: out/<model>-<recipe>-<target>]")
 @click.option("--force", is_flag=True, help="replace an existing bundle")

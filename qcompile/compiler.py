@@ -25,7 +25,7 @@ from qcompile.console import console, step
 from qcompile.errors import QcompileError
 from qcompile.genai_config import write_genai_config
 from qcompile.lowering.export_onnx import DATA_FILE, MODEL_FILE, export_onnx
-from qcompile.lowering.targets import Target, get_target
+from qcompile.targets import Target, get_target
 from qcompile.models import LoadedModel, load_model
 from qcompile.pass_infra import PassContext, run_passes
 from qcompile.recipes import Recipe, load_recipe

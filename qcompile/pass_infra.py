@@ -64,6 +64,11 @@ class QPass(PassBase):
     Options: ClassVar[type] = NoOptions
     #: the parity-ladder stage this pass completes ("fake-quant", "lowered", ...), if any
     ladder_stage: ClassVar[str | None] = None
+    #: how ``verify`` judges the stage against the one before it: "quality" (a metric only:
+    #: rounding is the point) or "exact" (the same function up to float noise)
+    ladder_check: ClassVar[str] = "quality"
+    #: what the pass quantizes ("weights", "kv_cache"), for the targets' capability checks
+    quantizes: ClassVar[str | None] = None
 
     def __init__(self, options=None, context: PassContext | None = None):
         super().__init__()
@@ -160,3 +165,4 @@ def run_passes(
         if on_stage is not None and qpass.ladder_stage:
             on_stage(qpass.ladder_stage, gm)
     return gm
+

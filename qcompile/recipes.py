@@ -26,6 +26,7 @@ import yaml
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import PassContext, QPass, build_options
 from qcompile.passes import get_pass
+from qcompile.targets import TARGETS
 
 __all__ = [
     "Recipe",
@@ -60,7 +61,7 @@ class Recipe:
     def weight_options(self):
         """Options of the weight-quantization step, if any (for capability checks)."""
         for step in self.steps:
-            if hasattr(step.options, "body_spec"):
+            if get_pass(step.name).quantizes == "weights":
                 return step.options
         return None
 
@@ -177,8 +178,8 @@ BUILTIN_RECIPES["w4a16-gptq-g32-qdq"] = {
                          "calibration": {"samples": 32, "seq_len": 512}}},
                "pack_weights"],
 }
-#: the recipe `qcompile compile` uses for each target when none is given
-DEFAULT_RECIPES = {"ort": "w4a16-gptq-g32-kv8", "onnx-qdq": "w4a16-gptq-g32-qdq"}
+#: the recipe each target compiles without ``-r`` (each target names its own)
+DEFAULT_RECIPES = {name: target.default_recipe for name, target in TARGETS.items()}
 DEFAULT_RECIPE = DEFAULT_RECIPES["ort"]
 
 

@@ -22,6 +22,7 @@ from qcompile.errors import QcompileError
 from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.lowering.pack_matmul_nbits import packed_members
 from qcompile.models import load_model
+from qcompile.passes import ladder_stages
 from qcompile.recipes import recipe_of_report
 from qcompile.runtimes import layer_taps
 from qcompile.runtimes.decoder_parity import decoder_parity
@@ -30,8 +31,9 @@ from qcompile.runtimes.onnx_reference_runner import (MAX_REFERENCE_PARAMETERS, R
                                                       unsupported_ops)
 from qcompile.runtimes.ort_runner import OrtRunner, tempdir, with_extra_outputs
 from qcompile.runtimes.parity import (CLOSE, EXACT, INT8_COMPUTE, QUALITY, QUANTIZED_CACHE,
-                                      Tolerance, compare)
+                                      STAGE_TOLERANCES, Tolerance, compare)
 from qcompile.runtimes.torch_runner import TorchRunner
+from qcompile.targets import get_target
 from qcompile.weight_format import unpack_codes
 
 __all__ = ["StageOutcome", "verify_bundle", "verification_inputs", "check_codes"]
@@ -87,9 +89,8 @@ def verification_inputs(tokenizer, vocab: int, batch: int = 2, length: int = 48)
 def _int8_compute(report: dict, fused: bool) -> bool:
     quantized = bool(report["recipe"]["passes"])
     level4 = report["target"]["accuracy_level"] == 4
-    if report["target"]["name"] == "ort":
-        return quantized and level4
-    return quantized and level4 and fused
+    in_file = get_target(report["target"]["name"]).int8_without_fusion
+    return quantized and level4 and (fused or in_file)
 
 
 def _float_compute_tolerance(stages: Stages) -> Tolerance:
@@ -252,10 +253,10 @@ def _ladder_plan(stages: Stages, report: dict, bundle: pathlib.Path, skipped: li
     plan = [("eager", TorchRunner(stages.eager), None, None),
             ("exported", TorchRunner(stages.exported), "eager", EXACT)]
     last = "exported"
-    for stage, tolerance in (("fake-quant", QUALITY), ("lowered", EXACT), ("kv-quant", QUALITY)):
-        if stage in stages.snapshots:
-            plan.append((stage, TorchRunner(stages.snapshots[stage]), last, tolerance))
-            last = stage
+    checks = ladder_stages()
+    for stage, snapshot in stages.snapshots.items():  # in the order the passes ran
+        plan.append((stage, TorchRunner(snapshot), last, STAGE_TOLERANCES[checks[stage]]))
+        last = stage
     params = sum(p.numel() for p in stages.eager.parameters())
     missing = unsupported_ops(model_path)
     if params > MAX_REFERENCE_PARAMETERS:

@@ -28,8 +28,8 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["Tolerance", "Comparison", "compare", "EXACT", "CLOSE", "INT8_COMPUTE",
-           "QUANTIZED_CACHE", "QUALITY"]
+__all__ = ["Tolerance", "Comparison", "compare", "STAGE_TOLERANCES", "EXACT", "CLOSE",
+           "INT8_COMPUTE", "QUANTIZED_CACHE", "QUALITY"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,8 @@ INT8_COMPUTE = Tolerance("int8-compute", rel_l2=0.05, top1_min=0.90)
 #: float precision (the cache codes themselves are compared separately)
 QUANTIZED_CACHE = Tolerance("quantized-cache", rel_l2=0.05, top1_min=0.90)
 QUALITY = Tolerance("quality")
+#: a pass's ``ladder_check`` -> the tolerance of its torch stage
+STAGE_TOLERANCES = {"quality": QUALITY, "exact": EXACT}
 
 
 @dataclasses.dataclass

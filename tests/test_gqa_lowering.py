@@ -23,7 +23,7 @@ from qcompile.attention_capture import unsupported_reason
 from qcompile.capture import CausalLMWithCache, prepare_for_capture
 from qcompile.compiler import attention_lowering, compile_bundle
 from qcompile.hf_adapter import output_cache
-from qcompile.lowering.targets import get_target
+from qcompile.targets import get_target
 from qcompile.recipes import load_recipe
 
 from conftest import _configs

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from qcompile import kv_codec
 from qcompile.compiler import attention_lowering, compile_bundle, prepare_request
 from qcompile.errors import QcompileError
-from qcompile.lowering.targets import get_target
+from qcompile.targets import get_target
 from qcompile.recipes import load_recipe
 
 from conftest import _configs

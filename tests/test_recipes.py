@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qcompile.errors import QcompileError
-from qcompile.lowering.targets import get_target
+from qcompile.targets import get_target
 from qcompile.recipes import BUILTIN_RECIPES, load_recipe
 
 

@@ -19,11 +19,10 @@ import onnx_ir.passes.common as common_passes
 import torch
 
 from qcompile.capture import ExportSignature
-from qcompile.lowering.contrib_to_qdq import contrib_to_qdq, padded_per_channel_to_qdq
 from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
 from qcompile.lowering.pack_matmul_nbits import pack_sibling_matmuls
 from qcompile.lowering.shared_table import share_tied_tables
-from qcompile.lowering.targets import Target
+from qcompile.targets import Target
 
 __all__ = ["export_onnx", "MODEL_FILE", "DATA_FILE", "OPSET"]
 
@@ -31,10 +30,6 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 OPSET = 21
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
-_POST_EXPORT = {
-    "contrib_to_qdq": contrib_to_qdq,
-    "padded_per_channel_to_qdq": padded_per_channel_to_qdq,
-}
 
 
 def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int) -> ir.Model:
@@ -112,8 +107,7 @@ def export_onnx(
     the fusions that applied and the op counts of the written graph."""
     model = _to_onnx(ep, target, signature, accuracy_level)
     name_symbolic_dims(model, signature.onnx_dim_names())
-    for name in target.post_export:
-        model = _POST_EXPORT[name](model)
+    model = target.rewrite(model)
     fusions: dict[str, int] = {}
     if target.fuse:
         model, fusions = fuse_for_ort(model)
