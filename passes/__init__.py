@@ -12,7 +12,8 @@ from qcompile.passes import flexround  # noqa: F401
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import PASS_REGISTRY, QPass
 
-__all__ = ["get_pass", "ladder_stages", "adadim", "awq", "gptq", "pack_weights", "quantize_kv_cache", "quantize_weights_rtn"]
+__all__ = ["get_pass", "ladder_stages", "adadim", "awq", "gptq", "pack_weights",
+           "quantize_kv_cache", "quantize_weights_rtn"]
 
 
 def get_pass(name: str) -> type[QPass]:

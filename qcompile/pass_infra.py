@@ -7,7 +7,8 @@ recipes fill in from YAML/JSON (validated with messages that name the field), an
 
 Passes register themselves by name with :func:`register_pass` when their module is imported;
 :func:`qcompile.passes.get_pass` imports them all and looks one up (this module imports no
-pass, so no pass module depends on itself through it). A failing pass is reported with its name and the passes that ran before it.
+pass, so no pass module depends on itself through it). A failing pass is reported with its
+name and the passes that ran before it.
 """
 
 from __future__ import annotations
@@ -165,4 +166,3 @@ def run_passes(
         if on_stage is not None and qpass.ladder_stage:
             on_stage(qpass.ladder_stage, gm)
     return gm
-

@@ -41,7 +41,7 @@ def compile_cases(out: pathlib.Path) -> dict[str, dict[str, str]]:
 
     from qcompile.compiler import compile_bundle
 
-    (out / "gptq.yaml").parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "gptq.yaml").write_text(GPTQ)
     results = {}
     for arch, recipe, target in CASES:

@@ -98,7 +98,7 @@ def _weight_dq(graph: ir.Graph, node: ir.Node, name: str) -> ir.Node:
     zp = None if zp is None else torch.from_numpy(constant(zp))
     codes, zeros = unpack_per_ic(torch.from_numpy(packed), zp, bits, k)
     codes, zeros = typed_codes(codes.numpy(), None if zeros is None else zeros.numpy(),
-                                per_ic_container_bits(bits))
+                               per_ic_container_bits(bits))
     per_channel = scales.shape[0] == 1
     inputs = [add_initializer(graph, f"{name}.weight_q", np.ascontiguousarray(codes.T)),
               add_initializer(graph, f"{name}.weight_scale",

@@ -29,7 +29,7 @@ class Target:
     default_recipe: str
     #: ``"module:function"`` of the translation table builder, called with the accuracy
     #: level (resolved only when lowering, so the registry imports neither torch nor onnx)
-    translation: str = "qcompile.targets.ort.translation:translation_table"
+    translation: str
     #: ``"module:function"`` rewrites run on the exported onnx-ir model, in order
     post_export: tuple[str, ...] = ()
     #: may emit ONNX Runtime contrib ops: GroupQueryAttention (and its in-kernel KV cache),

@@ -20,6 +20,7 @@ TARGET = Target(
     linear_bits=(3, 4, 8),
     embedding_bits=(8,),
     default_recipe="w4a16-gptq-g32-qdq",
+    translation="qcompile.targets.ort.translation:translation_table",  # then rewritten
     post_export=("qcompile.lowering.contrib_to_qdq:contrib_to_qdq",),
     bits_hint="use --target ort for 2-bit",
 )

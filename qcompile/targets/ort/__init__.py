@@ -20,6 +20,7 @@ TARGET = Target(
     linear_bits=(2, 3, 4, 8),
     embedding_bits=(2, 3, 4, 8),
     default_recipe="w4a16-gptq-g32-kv8",
+    translation="qcompile.targets.ort.translation:translation_table",
     post_export=("qcompile.lowering.contrib_to_qdq:padded_per_channel_to_qdq",),
     fuse=True,
     int8_without_fusion=True,
