@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassResult
 
+from qcompile import ops  # noqa: F401  (registers the qcompile:: ops this pass emits)
 from qcompile.fx_utils import drop_unused_tensors, module_path, set_buffer
 from qcompile.pass_infra import QPass, register_pass
 from qcompile.weight_format import QuantizedWeight, pack_codes, pack_per_ic, pack_zero_points

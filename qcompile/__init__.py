@@ -1,12 +1,13 @@
 """qcompile: a quantizing export compiler for large language models.
 
-Importing the package registers the ``qcompile::`` torch ops; the passes register themselves
-when :mod:`qcompile.passes` is imported.
+Importing the package is cheap: it loads neither torch nor onnx, so the runtimes, the bundle
+module and ``bench``'s worker processes stay light. The ``qcompile::`` torch ops register when
+:mod:`qcompile.ops` is imported (the passes and lowerings that use them import it), and the
+passes when :mod:`qcompile.passes` is.
 """
 
 from __future__ import annotations
 
-from qcompile import ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.errors import QcompileError
 
 __all__ = ["QcompileError", "__version__"]

@@ -187,7 +187,8 @@ def generate(bundle, prompt, max_new_tokens, greedy, temperature, top_k, top_p, 
     import time
 
     from qcompile.runtimes.genai_session import choose_engine
-    from qcompile.runtimes.generation import Sampling, check_bundle_files
+    from qcompile.bundle.files import check_bundle_files
+    from qcompile.runtimes.generation import Sampling
 
     check_bundle_files(bundle)
     sampling = Sampling(greedy, temperature, top_k, top_p, seed)

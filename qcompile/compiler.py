@@ -17,14 +17,15 @@ import torch
 
 from qcompile import __version__
 from qcompile.attention_capture import unsupported_reason
-from qcompile.bundle import atomic_directory, check_output_path, directory_bytes, write_report
+from qcompile.bundle import (CompileReport, atomic_directory, check_output_path, directory_bytes,
+                             model_bytes, write_report)
 from qcompile.bundle_size import estimate_bundle_bytes
 from qcompile.calibration_record import save_record
 from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step
 from qcompile.errors import QcompileError
 from qcompile.genai_config import write_genai_config
-from qcompile.lowering.export_onnx import DATA_FILE, MODEL_FILE, export_onnx
+from qcompile.lowering.export_onnx import export_onnx
 from qcompile.targets import Target, get_target
 from qcompile.models import LoadedModel, load_model
 from qcompile.pass_infra import PassContext, run_passes
@@ -135,10 +136,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _report(loaded, recipe, target, stages, accuracy_level, timings, bundle) -> dict:
-    model_bytes = sum(
-        (bundle / f).stat().st_size for f in (MODEL_FILE, DATA_FILE) if (bundle / f).exists()
-    )
+def _report(loaded, recipe, target, stages, accuracy_level, timings, bundle) -> CompileReport:
     return {
         "qcompile_version": __version__,
         "source": {"path": loaded.source, "kind": loaded.source_kind,
@@ -148,7 +146,7 @@ def _report(loaded, recipe, target, stages, accuracy_level, timings, bundle) -> 
         "signature": stages.context.signature.to_dict(),
         "layers": stages.context.layers,
         "calibration": stages.context.calibration,
-        "sizes": {"model_bytes": model_bytes, "bundle_bytes": directory_bytes(bundle)},
+        "sizes": {"model_bytes": model_bytes(bundle), "bundle_bytes": directory_bytes(bundle)},
         "timings": timings,
         "resources": {"peak_rss_bytes": peak_rss_bytes()},
     }

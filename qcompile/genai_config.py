@@ -15,11 +15,10 @@ import json
 import pathlib
 
 from qcompile.capture import ExportSignature
-from qcompile.lowering.export_onnx import MODEL_FILE
+from qcompile.bundle.files import GENAI_CONFIG_FILE, MODEL_FILE
 
 __all__ = ["GENAI_CONFIG_FILE", "GENAI_MODEL_TYPES", "genai_config", "write_genai_config"]
 
-GENAI_CONFIG_FILE = "genai_config.json"
 #: model types onnxruntime-genai 0.18 knows by name (its model builder writes them; each is
 #: also the Hugging Face ``model_type``). Every one was run with qcompile's I/O and generates
 #: the own loop's tokens; for these bundles the name changes nothing, since attention, sliding

@@ -2,9 +2,9 @@
 
 Each bundle is loaded in its own fresh worker process (``python -m qcompile.runtimes.bench
 --worker``), so its peak RSS is its own and not the other bundle's or the parent's (the worker
-reads its ``VmHWM``; see :func:`_peak_rss_bytes`). The worker starts without running
-``qcompile/__init__.py`` (which imports torch to register the ``qcompile::`` ops, ~300 MB of RSS
-that generation never uses), so the peak is the runtime's; ``baseline_rss_bytes`` is the bare
+reads its ``VmHWM``; see :func:`_peak_rss_bytes`). Nothing the worker imports loads
+torch (``qcompile`` itself is torch-free, see ``tests/test_import_structure.py``), so the peak is
+the runtime's; ``baseline_rss_bytes`` is the bare
 interpreter's, before ONNX Runtime and the model are loaded. With two bundles the parent
 runs the two warm workers in rounds, one run each, so both share the machine's noise; the order
 flips every round (A B, B A, ...) so neither bundle always runs right after the other, and each
@@ -32,20 +32,6 @@ __all__ = ["BenchWorker", "bench", "bench_prompt", "main", "measure_once"]
 
 DEFAULT_PROMPT_TOKENS = 128
 DEFAULT_NEW_TOKENS = 128
-
-# Runs the worker with a bare ``qcompile`` package object (submodules import normally), so the
-# package's __init__ does not pull in torch.
-_WORKER_BOOT = (
-    "import importlib.util, sys, types\n"
-    "spec = importlib.util.find_spec('qcompile')\n"
-    "package = types.ModuleType('qcompile')\n"
-    "package.__path__ = list(spec.submodule_search_locations)\n"
-    "package.__spec__ = spec\n"
-    "sys.modules['qcompile'] = package\n"
-    "from qcompile.runtimes.bench import main\n"
-    "main(sys.argv[1:])\n"
-)
-
 
 # --------------------------------------------------------------------------- in the worker
 
@@ -134,7 +120,7 @@ class BenchWorker:
                  prompt_ids: list[int], new_tokens: int):
         self.bundle = bundle
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_BOOT, "--worker", str(bundle),
+            [sys.executable, "-m", "qcompile.runtimes.bench", "--worker", str(bundle),
              "--engine", engine, "--threads", str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
@@ -198,7 +184,8 @@ def bench_prompt(bundle: pathlib.Path, prompt_tokens: int) -> list[int]:
 
 
 def _check_setup(bundles: list[pathlib.Path], prompt_tokens: int, new_tokens: int) -> None:
-    from qcompile.runtimes.generation import check_bundle_files, load_genai_config
+    from qcompile.bundle.files import check_bundle_files
+    from qcompile.runtimes.generation import load_genai_config
 
     vocabs = set()
     for bundle in bundles:
@@ -217,7 +204,8 @@ def _check_setup(bundles: list[pathlib.Path], prompt_tokens: int, new_tokens: in
 
 
 def _summary(bundle: pathlib.Path, runs: list[dict], stats: dict) -> dict:
-    from qcompile.runtimes.generation import bundle_cache_bytes_per_token, model_bytes
+    from qcompile.bundle.files import model_bytes
+    from qcompile.runtimes.generation import bundle_cache_bytes_per_token
 
     prefill = [r["prefill_ms"] for r in runs]
     decode = [r["decode_tok_s"] for r in runs]  # None where a run had no timed decode step

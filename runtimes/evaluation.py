@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import pathlib
 
-from qcompile.bundle import REPORT_FILE, read_report, update_report
+from qcompile.bundle import GENAI_CONFIG_FILE, REPORT_FILE, model_file, read_report, record_evaluation
 from qcompile.calibration_record import load_record
 from qcompile.compiler import build_stages, group_query_attention_of_report
 from qcompile.console import step
 from qcompile.errors import QcompileError
-from qcompile.genai_config import GENAI_CONFIG_FILE
-from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.models import load_model
 from qcompile.recipes import recipe_of_report
 from qcompile.runtimes.evaluate import perplexity, perplexity_through_cache
@@ -56,8 +54,7 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
     bundle = pathlib.Path(bundle)
     foreign = bundle.is_dir() and _foreign_genai_bundle(bundle, source, reference)
     report = None if foreign else read_report(bundle)
-    if not (bundle / MODEL_FILE).is_file():
-        raise QcompileError(f"{bundle} has no {MODEL_FILE}", "re-compile the bundle")
+    model = model_file(bundle)
     tokenizer = _bundle_tokenizer(bundle)
     ids = token_windows(token_ids(tokenizer, text, "evaluation"), seq_len, windows)
     # MatMulNBits carry their own compute type; the level only steers ORT's DQ -> MatMulNBits
@@ -65,7 +62,7 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
     results: dict = {"text": text or "default (pydoc_data.topics, second half)",
                      "windows": len(ids), "seq_len": seq_len}
     generator = OrtGenerator(bundle, accuracy_level=level)
-    runner = OrtRunner(bundle / MODEL_FILE, True, level, head_size=generator.head_size)
+    runner = OrtRunner(model, True, level, head_size=generator.head_size)
     results["bundle_ort"] = perplexity(runner, ids, "bundle (ONNX Runtime)")
     results["bundle_ort_through_cache"] = perplexity_through_cache(generator, ids, "(ORT)")
     if source or reference:
@@ -81,5 +78,5 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
         results["bundle_torch_reference"] = perplexity(
             TorchRunner(stages.final), ids, "bundle (torch reference)")
     if not foreign:
-        update_report(bundle, "perplexity", results)
+        record_evaluation(bundle, results)
     return results

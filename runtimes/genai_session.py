@@ -15,12 +15,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from qcompile.errors import QcompileError
+from qcompile.bundle.files import GENAI_CONFIG_FILE, MODEL_FILE, check_bundle_files
 from qcompile.runtimes.generation import (
-    GENAI_CONFIG,
-    MODEL_FILE,
     PAST_PREFIX,
     Sampling,
-    check_bundle_files,
     load_genai_config,
     matches_format,
 )
@@ -43,7 +41,7 @@ def genai_can_run(bundle) -> tuple[bool, str]:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
         return False, "onnxruntime-genai is not installed"
-    for name in (GENAI_CONFIG, MODEL_FILE):
+    for name in (GENAI_CONFIG_FILE, MODEL_FILE):
         if not (bundle / name).is_file():
             return False, f"the bundle has no {name}"
     return _graph_fits_genai(bundle)

@@ -26,14 +26,14 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from qcompile.bundle.files import (GENAI_CONFIG_FILE, REPORT_FILE, TOKENIZER_FILES,
+                                   check_bundle_files, model_file)
 from qcompile.errors import QcompileError
 from qcompile.runtimes.cache_layout import (PAST_PREFIX, PRESENT_PREFIX, CacheSlot, GraphOutput,
                                             cache_bytes_per_token, cache_slots, graph_outputs)
 from qcompile.runtimes.ort_runner import session_options
 
 __all__ = [
-    "GENAI_CONFIG",
-    "MODEL_FILE",
     "PAST_PREFIX",
     "PRESENT_PREFIX",
     "CacheSlot",
@@ -45,50 +45,23 @@ __all__ = [
     "bundle_cache_bytes_per_token",
     "cache_slots",
     "cache_bytes_per_token",
-    "check_bundle_files",
     "generate",
     "graph_outputs",
     "load_genai_config",
     "load_tokenizer",
     "matches_format",
-    "model_bytes",
     "select_tokens",
 ]
 
-MODEL_FILE = "model.onnx"
-GENAI_CONFIG = "genai_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # --------------------------------------------------------------------------- bundle files
 
 
-def check_bundle_files(bundle, tokenizer: bool = True) -> pathlib.Path:
-    """Refuse a bundle directory that lacks the model, genai_config.json or the tokenizer.
-
-    Args:
-        bundle: the bundle directory.
-        tokenizer: also require ``tokenizer.json`` and ``tokenizer_config.json``.
-
-    Returns:
-        The bundle as a path.
-    """
-    bundle = pathlib.Path(bundle)
-    if not bundle.is_dir():
-        raise QcompileError(f"no such bundle directory: {bundle}",
-                            "pass a directory written by `qcompile compile` or the model builder")
-    needed = (MODEL_FILE, GENAI_CONFIG) + (TOKENIZER_FILES if tokenizer else ())
-    for name in needed:
-        if not (bundle / name).is_file():
-            raise QcompileError(f"bundle {bundle} has no {name}",
-                                f"re-create the bundle, or copy {name} into it")
-    return bundle
-
-
 def load_genai_config(bundle) -> dict:
     """``genai_config.json`` of ``bundle`` as a dict (a clear error when absent or invalid)."""
-    path = pathlib.Path(bundle) / GENAI_CONFIG
+    path = pathlib.Path(bundle) / GENAI_CONFIG_FILE
     if not path.is_file():
-        raise QcompileError(f"bundle {bundle} has no {GENAI_CONFIG}",
+        raise QcompileError(f"bundle {bundle} has no {GENAI_CONFIG_FILE}",
                             "re-create the bundle, or write its genai_config.json")
     try:
         config = json.loads(path.read_text())
@@ -119,17 +92,11 @@ def load_tokenizer(bundle):
 
 def bundle_accuracy_level(bundle) -> int:
     """``target.accuracy_level`` from the bundle's report.json, 0 when there is none."""
-    path = pathlib.Path(bundle) / "report.json"
+    path = pathlib.Path(bundle) / REPORT_FILE
     try:
         return int(json.loads(path.read_text())["target"]["accuracy_level"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
-
-
-def model_bytes(bundle) -> int:
-    """Bytes on disk of ``model.onnx`` and its external data files."""
-    bundle = pathlib.Path(bundle)
-    return sum(p.stat().st_size for p in bundle.glob(MODEL_FILE + "*") if p.is_file())
 
 
 # --------------------------------------------------------------------------- cache layout
@@ -139,7 +106,7 @@ def bundle_cache_bytes_per_token(bundle) -> int:
     """:func:`cache_bytes_per_token` of a bundle, without creating a session."""
     bundle = check_bundle_files(bundle, tokenizer=False)
     decoder = load_genai_config(bundle)["model"]["decoder"]
-    outputs = graph_outputs(bundle / decoder.get("filename", MODEL_FILE))
+    outputs = graph_outputs(bundle / decoder.get("filename", model_file(bundle).name))
     return cache_bytes_per_token(outputs, decoder.get("head_size"))
 
 
@@ -305,10 +272,10 @@ class OrtGenerator:
         options = session_options(True, level, threads)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = ort.InferenceSession(
-            str(self.bundle / self.decoder.get("filename", MODEL_FILE)), options,
+            str(self.bundle / self.decoder.get("filename", model_file(self.bundle).name)), options,
             providers=["CPUExecutionProvider"])
         self.input_names = {i.name for i in self.session.get_inputs()}
-        _check_config(self.config, self.session, self.bundle / GENAI_CONFIG)
+        _check_config(self.config, self.session, self.bundle / GENAI_CONFIG_FILE)
         self.slots = cache_slots(self.session)
         self.head_size = self.decoder.get("head_size")
         self.context_length = int(model.get("context_length") or 0) or None
@@ -361,14 +328,14 @@ class OrtGenerator:
                                        quiet)
         except (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException) as exc:
             raise QcompileError(
-                f"{self.bundle / GENAI_CONFIG} does not fit the model: a first step with its "
+                f"{self.bundle / GENAI_CONFIG_FILE} does not fit the model: a first step with its "
                 f"model.decoder.head_size {self.head_size} failed "
                 f"({str(exc).splitlines()[0][-300:]})",
                 "re-create genai_config.json from the model") from exc
         by_present = {s.present: presents[s.past] for s in self.slots}
         _check_present_dims(self.decoder, by_present,
                             self.decoder.get("inputs", {}).get("past_key_names", ""),
-                            self.bundle / GENAI_CONFIG)
+                            self.bundle / GENAI_CONFIG_FILE)
 
     def cache_bytes_per_token(self) -> int:
         """Cache bytes per position (batch 1); see :func:`cache_bytes_per_token`."""

@@ -15,9 +15,9 @@ import shutil
 
 import onnx
 
-from qcompile.bundle import atomic_directory, directory_bytes, read_report, write_report
+from qcompile.bundle import (DATA_FILE, MODEL_FILE, REPORT_FILE, atomic_directory, directory_bytes,
+                             read_report, write_report)
 from qcompile.errors import QcompileError
-from qcompile.lowering.export_onnx import DATA_FILE, MODEL_FILE
 
 __all__ = ["quantize_with_ort", "ALGORITHMS"]
 
@@ -236,7 +236,7 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
         onnx.save(model, str(tmp / MODEL_FILE), save_as_external_data=True,
                   location=DATA_FILE, size_threshold=1024)
         for path in fp32_bundle.iterdir():
-            if path.name not in (MODEL_FILE, DATA_FILE, "report.json") and path.is_file():
+            if path.name not in (MODEL_FILE, DATA_FILE, REPORT_FILE) and path.is_file():
                 shutil.copy2(path, tmp / path.name)
         report = {
             "peer": "onnxruntime.quantization.matmul_nbits_quantizer",

@@ -93,3 +93,23 @@ def test_the_checker_sees_a_cycle_and_a_private_import(tmp_path):
     modules = {"qcompile.a": tmp_path / "a.py", "qcompile.b": tmp_path / "b.py"}
     assert find_cycle(import_graph(modules)) == ["qcompile.a", "qcompile.b", "qcompile.a"]
     assert ("qcompile.b", "_helper") in imported_names(tmp_path / "a.py")
+
+
+TORCH_FREE = ("qcompile", "qcompile.bundle", "qcompile.targets", "qcompile.runtimes.bench",
+              "qcompile.runtimes.generation", "qcompile.runtimes.genai_session")
+
+
+def test_runtime_side_modules_import_without_torch():
+    """The bundle, the registry and everything ``bench``'s workers load stay torch-free, so a
+    worker's peak memory is the runtime's (and no module copies the bundle's file names to
+    dodge torch)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys\n"
+            f"for name in {TORCH_FREE!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import qcompile  # noqa: F401  (registers the ops)
+from qcompile import ops  # noqa: F401  (registers the ops)
 from qcompile.weight_format import pack_codes, pack_zero_points
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 

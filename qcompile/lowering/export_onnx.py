@@ -18,16 +18,15 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
 
+from qcompile.bundle.files import DATA_FILE, MODEL_FILE
 from qcompile.capture import ExportSignature
 from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
 from qcompile.lowering.pack_matmul_nbits import pack_sibling_matmuls
 from qcompile.lowering.shared_table import share_tied_tables
 from qcompile.targets import Target
 
-__all__ = ["export_onnx", "MODEL_FILE", "DATA_FILE", "OPSET"]
+__all__ = ["export_onnx", "OPSET"]
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 OPSET = 21
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 

@@ -23,7 +23,7 @@ import onnxscript
 import torch
 from onnxscript import opset21 as op
 
-from qcompile import attention_op  # noqa: F401  (registers qcompile::group_query_attention)
+from qcompile import attention_op, ops  # noqa: F401  (register the ops this table translates)
 from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN, register_contrib_schemas
 from qcompile.weight_format import container_bits
 

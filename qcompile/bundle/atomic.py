@@ -1,4 +1,4 @@
-"""The bundle: one directory per compile, written atomically, with ``report.json``.
+"""Writing a bundle atomically: one directory per compile, all or nothing.
 
 Everything is written into a temporary sibling directory ``.NAME.<pid>.XXXXXXXX`` and renamed
 into place at the end, so an interrupted or failed compile leaves no half-written bundle. An
@@ -18,7 +18,6 @@ tensor shapes and the recipe).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import re
@@ -31,19 +30,14 @@ from qcompile.console import console
 from qcompile.errors import QcompileError
 
 __all__ = [
-    "REPORT_FILE",
     "check_output",
     "check_output_path",
     "check_free_space",
     "remove_stale_temporaries",
     "atomic_directory",
     "directory_bytes",
-    "read_report",
-    "write_report",
-    "update_report",
 ]
 
-REPORT_FILE = "report.json"
 #: characters the temporary sibling adds to the output's name: ``.`` + ``.<pid>.XXXXXXXX``
 #: (pids have at most 7 digits: Linux's pid_max is at most 2^22)
 TEMPORARY_NAME_EXTRA = 18
@@ -278,32 +272,3 @@ def atomic_directory(out_dir: pathlib.Path, force: bool):
 
 def directory_bytes(path: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def read_report(bundle: pathlib.Path) -> dict:
-    """``report.json`` of ``bundle``, refusing directories that are not bundles."""
-    bundle = pathlib.Path(bundle)
-    if not bundle.is_dir():
-        raise QcompileError(f"no such bundle directory: {bundle}", "pass a `qcompile compile` -o")
-    path = bundle / REPORT_FILE
-    if not path.is_file():
-        raise QcompileError(f"{bundle} has no {REPORT_FILE}; it is not a qcompile bundle",
-                            "compile one with `qcompile compile`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QcompileError(f"{path} is not valid JSON: {exc}", "re-compile the bundle") from exc
-
-
-def write_report(directory: pathlib.Path, report: dict) -> None:
-    tmp = directory / f".{REPORT_FILE}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, directory / REPORT_FILE)
-
-
-def update_report(bundle: pathlib.Path, key: str, value) -> dict:
-    """Atomically set ``report[key] = value`` (verify and eval record their figures here)."""
-    report = read_report(bundle)
-    report[key] = value
-    write_report(pathlib.Path(bundle), report)
-    return report
