@@ -18,7 +18,7 @@ import torch
 from qcompile import __version__
 from qcompile.attention_capture import unsupported_reason
 from qcompile.bundle import (CompileReport, atomic_directory, check_output_path, directory_bytes,
-                             model_bytes, write_report)
+                             model_bytes, model_file, write_report)
 from qcompile.bundle_size import estimate_bundle_bytes
 from qcompile.calibration_record import save_record
 from qcompile.capture import capture, decoder_signature, unlift
@@ -181,10 +181,15 @@ def compile_bundle(
         with step(f"lowering to ONNX for target {target.name}", timings, "lower_s"):
             graph = export_onnx(stages.program, target, tmp, accuracy_level,
                                 stages.context.signature)
+        package = None
+        if target.package:
+            with step(f"packaging for target {target.name}", timings, "package_s"):
+                package = target.package_bundle(tmp, accuracy_level)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         write_genai_config(tmp, loaded.config, loaded.model_type, stages.context.signature,
-                           loaded.tokenizer, share_buffer=attention["kind"] == GQA)
+                           loaded.tokenizer, share_buffer=attention["kind"] == GQA,
+                           model_file=model_file(tmp).name)
         if stages.context.calibrated is not None:
             record = save_record(tmp, stages.context.calibrated)
             stages.context.calibration["record"] = {"file": record.name,
@@ -192,6 +197,8 @@ def compile_bundle(
         timings["compile_s"] = round(time.perf_counter() - start, 3)
         report = _report(loaded, recipe, target, stages, accuracy_level, timings, tmp)
         report["graph"] = {"attention": attention, **graph}
+        if package is not None:
+            report["package"] = package
         write_report(tmp, report)
     console.print(
         f"[bold green]bundle[/bold green] {out_dir}: {report['sizes']['model_bytes']:,} model "

@@ -92,8 +92,9 @@ def genai_config(config, model_type: str, signature: ExportSignature, tokenizer=
 
 def write_genai_config(bundle: pathlib.Path, config, model_type: str,
                        signature: ExportSignature, tokenizer=None,
-                       share_buffer: bool = False) -> pathlib.Path:
+                       share_buffer: bool = False, model_file: str = MODEL_FILE) -> pathlib.Path:
     path = pathlib.Path(bundle) / GENAI_CONFIG_FILE
     content = genai_config(config, model_type, signature, tokenizer, share_buffer)
+    content["model"]["decoder"]["filename"] = model_file
     path.write_text(json.dumps(content, indent=4) + "\n")
     return path

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "LoadedModel",
     "load_model",
+    "gguf_as_directory",
     "default_model_path",
 ]
 
@@ -289,7 +290,7 @@ def _forget_gguf_origin(model) -> None:
         del model.config.quantization_config
 
 
-def _gguf_as_directory(path: pathlib.Path) -> pathlib.Path:
+def gguf_as_directory(path: pathlib.Path) -> pathlib.Path:
     """A Hugging Face directory converted once from ``path`` (transformers' GGUF loading
     takes ~40 s for SmolLM2; the converted float32 safetensors load in ~2 s)."""
     stat = path.stat()
@@ -319,7 +320,7 @@ def load_model(source: str | None = None) -> LoadedModel:
     kind, path = _resolve(source)
     if kind == "gguf":
         model_type = _check_architecture(_gguf_config(path), str(path))
-        location, gguf_file = str(_gguf_as_directory(path)), None
+        location, gguf_file = str(gguf_as_directory(path)), None
     elif kind == "directory":
         model_type = _check_architecture(_directory_config(path), str(path))
         location, gguf_file = str(path), None

@@ -10,6 +10,7 @@ each of them can depend on it without depending on the others.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from qcompile.errors import QcompileError
 
 __all__ = ["PAST_PREFIX", "PRESENT_PREFIX", "CacheSlot", "GraphOutput", "cache_slots",
-           "cache_bytes_per_token", "graph_outputs"]
+           "cache_bytes_per_token", "graph_inputs", "graph_outputs"]
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
@@ -134,15 +135,42 @@ class GraphOutput:
     type: str
 
 
-def graph_outputs(model_path) -> list[GraphOutput]:
-    """The outputs of an ONNX file, read without loading its external weights."""
+def _ort_format_session(model_path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def graph_inputs(model_path) -> list[GraphOutput]:
+    """The inputs of an ONNX or ORT-format model file, like :func:`graph_outputs`."""
     import onnx
 
+    if pathlib.Path(model_path).suffix == ".ort":
+        return [GraphOutput(v.name, tuple(v.shape), v.type)
+                for v in _ort_format_session(model_path).get_inputs()]
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    outputs = []
-    for node in graph.output:
-        tensor = node.type.tensor_type
-        shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim)
-        type_name = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-        outputs.append(GraphOutput(node.name, shape, _ORT_TYPE_NAMES.get(type_name, type_name)))
-    return outputs
+    return [_value_info(v) for v in graph.input]
+
+
+def _value_info(node) -> GraphOutput:
+    import onnx
+
+    tensor = node.type.tensor_type
+    shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim)
+    type_name = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    return GraphOutput(node.name, shape, _ORT_TYPE_NAMES.get(type_name, type_name))
+
+
+def graph_outputs(model_path) -> list[GraphOutput]:
+    """The outputs of an ONNX file, read without loading its external weights (of an
+    ORT-format file, from an unoptimized session: it has no separate weights file)."""
+    import onnx
+
+    if pathlib.Path(model_path).suffix == ".ort":
+        return [GraphOutput(v.name, tuple(v.shape), v.type)
+                for v in _ort_format_session(model_path).get_outputs()]
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [_value_info(v) for v in graph.output]

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from qcompile.errors import QcompileError
-from qcompile.bundle.files import GENAI_CONFIG_FILE, MODEL_FILE, check_bundle_files
+from qcompile.bundle.files import GENAI_CONFIG_FILE, MODEL_FILE, MODEL_FILES, check_bundle_files
+from qcompile.runtimes.cache_layout import graph_inputs
 from qcompile.runtimes.generation import (
     PAST_PREFIX,
     Sampling,
@@ -27,7 +28,7 @@ __all__ = ["ENGINES", "GenaiSession", "choose_engine", "genai_can_run"]
 
 ENGINES = ("auto", "genai", "ort")
 
-_FLOAT_TYPES = {1, 10}  # onnx.TensorProto.FLOAT, FLOAT16
+_FLOAT_TYPES = {"tensor(float)", "tensor(float16)"}
 
 
 def genai_can_run(bundle) -> tuple[bool, str]:
@@ -41,9 +42,10 @@ def genai_can_run(bundle) -> tuple[bool, str]:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
         return False, "onnxruntime-genai is not installed"
-    for name in (GENAI_CONFIG_FILE, MODEL_FILE):
-        if not (bundle / name).is_file():
-            return False, f"the bundle has no {name}"
+    if not (bundle / GENAI_CONFIG_FILE).is_file():
+        return False, f"the bundle has no {GENAI_CONFIG_FILE}"
+    if not any((bundle / name).is_file() for name in MODEL_FILES):
+        return False, f"the bundle has no {' or '.join(MODEL_FILES)}"
     return _graph_fits_genai(bundle)
 
 
@@ -73,24 +75,21 @@ def choose_engine(requested: str, bundles) -> tuple[str, str]:
 
 
 def _graph_fits_genai(bundle: pathlib.Path) -> tuple[bool, str]:
-    import onnx
-
     try:
         decoder = load_genai_config(bundle)["model"]["decoder"]
-        graph = onnx.load(str(bundle / decoder.get("filename", MODEL_FILE)),
-                          load_external_data=False).graph
-    except (QcompileError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        model_path = bundle / decoder.get("filename", MODEL_FILE)
+        inputs = graph_inputs(model_path)
+        in_attention = _quantized_in_attention(model_path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable model means genai cannot run it
         return False, f"cannot read the bundle: {exc}"
     formats = [decoder.get("inputs", {}).get(k, "") for k in ("past_key_names",
                                                                "past_value_names")]
-    in_attention = _quantized_in_attention(graph)
-    for node in graph.input:
+    for node in inputs:
         if not node.name.startswith(PAST_PREFIX):
             continue
-        elem = node.type.tensor_type.elem_type
-        if elem not in _FLOAT_TYPES and node.name not in in_attention:
+        if node.type not in _FLOAT_TYPES and node.name not in in_attention:
             return False, (f"cache input {node.name} is "
-                           f"{onnx.TensorProto.DataType.Name(elem).lower()} (a quantized "
+                           f"{node.type.removeprefix('tensor(').rstrip(')')} (a quantized "
                            "cache outside GroupQueryAttention); onnxruntime-genai only feeds "
                            "float caches and the ones GroupQueryAttention quantizes")
         if not any(f and matches_format(f, node.name) for f in formats):
@@ -100,11 +99,17 @@ def _graph_fits_genai(bundle: pathlib.Path) -> tuple[bool, str]:
     return True, f"{kind} KV cache named by genai_config.json"
 
 
-def _quantized_in_attention(graph) -> set[str]:
+def _quantized_in_attention(model_path: pathlib.Path) -> set[str]:
     """Cache inputs that a ``GroupQueryAttention`` with ``kv_cache_bit_width`` reads as its
     past key/value: genai binds them like float caches, the op quantizes."""
+    import onnx
+
+    if model_path.suffix == ".ort":
+        from qcompile.targets.ort_mobile.ort_file import quantized_attention_inputs
+
+        return quantized_attention_inputs(model_path)
     names: set[str] = set()
-    for node in graph.node:
+    for node in onnx.load(str(model_path), load_external_data=False).graph.node:
         if node.op_type == "GroupQueryAttention" and any(
                 a.name == "kv_cache_bit_width" and a.i for a in node.attribute):
             names.update(node.input[3:5])

@@ -12,14 +12,12 @@ import pathlib
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
-from qcompile.bundle import read_report, update_report
+from qcompile.bundle import model_file, read_report, update_report
 from qcompile.calibration_record import RECORD_FILE, load_record
 from qcompile.compiler import Stages, build_stages, group_query_attention_of_report
 from qcompile.console import step
 from qcompile.errors import QcompileError
-from qcompile.lowering.export_onnx import MODEL_FILE
 from qcompile.lowering.pack_matmul_nbits import packed_members
 from qcompile.models import load_model
 from qcompile.passes import ladder_stages
@@ -34,6 +32,7 @@ from qcompile.runtimes.parity import (CLOSE, EXACT, INT8_COMPUTE, QUALITY, QUANT
                                       STAGE_TOLERANCES, Tolerance, compare)
 from qcompile.runtimes.torch_runner import TorchRunner
 from qcompile.targets import get_target
+from qcompile.targets.base import resolve
 from qcompile.weight_format import unpack_codes
 
 __all__ = ["StageOutcome", "verify_bundle", "verification_inputs", "check_codes"]
@@ -169,6 +168,8 @@ class _Ladder:
         return None
 
     def _ort_layer_outputs(self, runner: OrtRunner) -> list[np.ndarray] | None:
+        if runner.model_path.suffix != ".onnx":  # extra outputs need the ONNX graph
+            return None
         proto = onnx.load(str(runner.model_path), load_external_data=False)
         if layer_taps.has_ort_fusions(proto):
             return None
@@ -196,17 +197,20 @@ class _Ladder:
         return None
 
 
-def check_codes(final: torch.nn.Module, model_path: pathlib.Path) -> dict:
-    """Every exported integer weight equals the torch stage's codes exactly."""
-    proto = onnx.load(str(model_path))
-    initializers = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    initializers.update(_unpacked_weights(proto, initializers))
+def check_codes(final: torch.nn.Module, model_path: pathlib.Path, target_name: str) -> dict:
+    """Every exported integer weight equals the torch stage's codes exactly, read back from the
+    bundle's model file the way its target wrote it."""
+    initializers, metadata = resolve(get_target(target_name).read_tensors)(model_path)
+    initializers.update(_unpacked_weights(metadata, initializers))
     checked, mismatched = 0, []
+    shapes = _code_shapes(final)
     for name, packed in final.named_buffers():
         if not name.endswith(".qweight"):
             continue
         path = name.removesuffix(".qweight")
         same = _exported_codes_equal(initializers, path, packed)
+        if same is None and path in shapes:
+            same = _fused_codes_equal(initializers, path, packed, *shapes[path])
         if same is None:
             mismatched.append(f"{path} (not found in the ONNX model)")
             continue
@@ -216,9 +220,8 @@ def check_codes(final: torch.nn.Module, model_path: pathlib.Path) -> dict:
     return {"weights_checked": checked, "mismatched": mismatched}
 
 
-def _unpacked_weights(proto: onnx.ModelProto, initializers: dict) -> dict:
+def _unpacked_weights(metadata: dict, initializers: dict) -> dict:
     """Each member's ``qweight`` rows of the packed sibling ``MatMulNBits`` (ort target)."""
-    metadata = {p.key: p.value for p in proto.metadata_props}
     rows: dict[str, np.ndarray] = {}
     for packed, members in packed_members(metadata).items():
         start = 0
@@ -247,8 +250,33 @@ def _exported_codes_equal(initializers: dict, path: str, packed: torch.Tensor) -
     return bool(np.array_equal(codes, exported))
 
 
+def _code_shapes(final: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module path: (container bits, codes per row)}`` of each packed linear of ``final``."""
+    from qcompile.weight_format import container_bits
+
+    linear = torch.ops.qcompile.linear_wNa16.default
+    shapes = {}
+    for node in getattr(final, "graph", torch.fx.Graph()).nodes:
+        if node.op == "call_function" and node.target is linear:
+            path = node.args[1].target.removesuffix(".qweight")
+            shapes[path] = (container_bits(node.args[5]), node.args[7])
+    return shapes
+
+
+def _fused_codes_equal(initializers: dict, path: str, packed: torch.Tensor, cbits: int,
+                       k: int) -> bool | None:
+    """A DequantizeLinear -> MatMul that ONNX Runtime's optimizer fused into ``MatMulNBits``
+    before the file was saved (``ort-mobile``): ``{path}.weight_q_T``, ``[N, blocks, blob]``
+    unsigned codes in its own blocks (symmetric codes offset like ours)."""
+    fused = initializers.get(f"{path}.weight_q_T")
+    if fused is None:
+        return None
+    theirs = unpack_codes(torch.from_numpy(np.array(fused)), cbits, k)
+    return bool(torch.equal(theirs, unpack_codes(packed, cbits, k)))
+
+
 def _ladder_plan(stages: Stages, report: dict, bundle: pathlib.Path, skipped: list):
-    model_path = bundle / MODEL_FILE
+    model_path = model_file(bundle)
     level = report["target"]["accuracy_level"]
     plan = [("eager", TorchRunner(stages.eager), None, None),
             ("exported", TorchRunner(stages.exported), "eager", EXACT)]
@@ -258,8 +286,12 @@ def _ladder_plan(stages: Stages, report: dict, bundle: pathlib.Path, skipped: li
         plan.append((stage, TorchRunner(snapshot), last, STAGE_TOLERANCES[checks[stage]]))
         last = stage
     params = sum(p.numel() for p in stages.eager.parameters())
-    missing = unsupported_ops(model_path)
-    if params > MAX_REFERENCE_PARAMETERS:
+    missing = unsupported_ops(model_path) if model_path.suffix == ".onnx" else []
+    if model_path.suffix != ".onnx":
+        skipped.append({"stage": "onnx-reference",
+                        "reason": f"{model_path.name} is not an ONNX file (onnx.reference reads "
+                                  "ONNX); the ORT stages run the shipped file itself"})
+    elif params > MAX_REFERENCE_PARAMETERS:
         skipped.append({"stage": "onnx-reference",
                         "reason": f"{params:,} parameters (limit {MAX_REFERENCE_PARAMETERS:,})"})
     elif missing:
@@ -301,7 +333,8 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
             ladder.outputs[name], ladder.runners[name] = runner(*inputs), runner
             continue
         ladder.run(name, runner, against, tolerance)
-    codes = check_codes(stages.final, bundle / MODEL_FILE) if recipe.steps else None
+    codes = (check_codes(stages.final, model_file(bundle), report["target"]["name"])
+             if recipe.steps else None)
     with step("stage decode: 32 greedy tokens through the cache, ORT vs torch"):
         decode = decoder_parity(stages.final, bundle, inputs[0][0, :16],
                                 _runtime_tolerance(report, stages, True))

@@ -243,11 +243,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     venvs = {"modelopt": args.modelopt_venv, "llmc": args.llmc_venv}
 
-    from qcompile.models import _gguf_as_directory, default_model_path, load_model
+    from qcompile.models import gguf_as_directory, default_model_path, load_model
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = _gguf_as_directory(default_model_path())
+    model_dir = gguf_as_directory(default_model_path())
     loaded = load_model()  # the tokenizer our calibrated passes use
     options = calibration_options_of(recipe_paths())
     tokens_path = out / "calibration_tokens.pt"

@@ -36,9 +36,9 @@ def qcompile(*args: str, accept: tuple[int, ...] = OK) -> float:
 
 def source_directory() -> str:
     """The default model as a Hugging Face directory (the builder reads directories)."""
-    from qcompile.models import _gguf_as_directory, default_model_path
+    from qcompile.models import gguf_as_directory, default_model_path
 
-    return str(_gguf_as_directory(default_model_path()))
+    return str(gguf_as_directory(default_model_path()))
 
 
 def builder_bundle(out: pathlib.Path, precision: str) -> tuple[pathlib.Path, float | None]:

@@ -30,7 +30,7 @@ PROMPT = [1, 40, 71, 78, 78, 81, 12, 89]
 TINY_CACHE_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4
 
 
-def _tiny_tokenizer(directory: pathlib.Path) -> None:
+def save_tiny_tokenizer(directory: pathlib.Path) -> None:
     """A 128-token byte-level BPE tokenizer that genai's tokenizer also reads.
 
     Every token decodes to ASCII (printable characters, and " a" ... " z" style pieces that
@@ -63,7 +63,7 @@ def build_tiny_bundle(root: pathlib.Path) -> pathlib.Path:
     config.initializer_range = 1.0
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(source)
-    _tiny_tokenizer(source)
+    save_tiny_tokenizer(source)
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
                     "-o", str(bundle), "-p", "fp32", "-e", "cpu", "-c", str(root / "cache")],
                    check=True, capture_output=True, timeout=300)

@@ -96,7 +96,7 @@ def test_peer_recipes_match_the_peers_setting(name, group, symmetric):
 
 def _tiny_llama(directory: pathlib.Path) -> pathlib.Path:
     """Hidden 192 (a partial group of 128, like SmolLM2's 576), tied head, a tokenizer."""
-    from test_generation import _tiny_tokenizer
+    from test_generation import save_tiny_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=384,
@@ -105,7 +105,7 @@ def _tiny_llama(directory: pathlib.Path) -> pathlib.Path:
                          architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    _tiny_tokenizer(directory)
+    save_tiny_tokenizer(directory)
     return directory
 
 

@@ -9,12 +9,12 @@ named as ``"module:function"`` and imported only when a model is lowered. The CL
 from __future__ import annotations
 
 from qcompile.errors import QcompileError
-from qcompile.targets import onnx_qdq, ort
+from qcompile.targets import onnx_qdq, ort, ort_mobile
 from qcompile.targets.base import Target
 
 __all__ = ["Target", "TARGETS", "get_target", "target_names"]
 
-TARGETS: dict[str, Target] = {t.name: t for t in (ort.TARGET, onnx_qdq.TARGET)}
+TARGETS: dict[str, Target] = {t.name: t for t in (ort.TARGET, onnx_qdq.TARGET, ort_mobile.TARGET)}
 
 
 def target_names() -> list[str]:

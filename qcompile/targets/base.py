@@ -2,7 +2,8 @@
 
 A target says which weight formats it can express (checked before the model loads, with the
 fix named), which ``qcompile::`` op translations ``torch.onnx.export`` uses, the rewrites it
-runs on the exported onnx-ir model, whether it may emit ONNX Runtime's contrib ops (fused
+runs on the exported onnx-ir model, how the written bundle is packaged (another model file
+format) and how the ladder reads the shipped codes back, whether it may emit ONNX Runtime's contrib ops (fused
 attention with an in-kernel KV cache, fused norms, packed ``MatMulNBits``), and how the
 parity ladder must judge its integer kernels. Everything outside ``qcompile/targets/`` (the
 CLI's choices, the compiler, the ladder, the report) asks the registry, never a name.
@@ -30,8 +31,15 @@ class Target:
     #: ``"module:function"`` of the translation table builder, called with the accuracy
     #: level (resolved only when lowering, so the registry imports neither torch nor onnx)
     translation: str
+    #: ``"module:function"`` returning ``(initializers, metadata)`` of the bundle's model file:
+    #: how the parity ladder reads the shipped integer codes back
+    read_tensors: str
     #: ``"module:function"`` rewrites run on the exported onnx-ir model, in order
     post_export: tuple[str, ...] = ()
+    #: ``"module:function"`` run on the bundle directory after the ONNX model is written, with
+    #: the accuracy level (e.g. conversion to another model format); returns the report's
+    #: ``package`` section
+    package: str | None = None
     #: may emit ONNX Runtime contrib ops: GroupQueryAttention (and its in-kernel KV cache),
     #: the fused RMSNorm / rotary rules, packed sibling MatMulNBits
     fuse: bool = False
@@ -71,6 +79,10 @@ class Target:
     def translation_table(self, accuracy_level: int) -> dict[object, Callable]:
         """``qcompile::`` op -> onnxscript function, for ``torch.onnx.export``."""
         return resolve(self.translation)(accuracy_level)
+
+    def package_bundle(self, bundle, accuracy_level: int) -> dict | None:
+        """Run the target's packaging step on the written bundle (None: ONNX as written)."""
+        return resolve(self.package)(bundle, accuracy_level) if self.package else None
 
     def rewrite(self, model):
         """Run the target's post-export rewrites on the onnx-ir ``model``."""

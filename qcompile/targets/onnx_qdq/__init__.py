@@ -21,6 +21,7 @@ TARGET = Target(
     embedding_bits=(8,),
     default_recipe="w4a16-gptq-g32-qdq",
     translation="qcompile.targets.ort.translation:translation_table",  # then rewritten
+    read_tensors="qcompile.targets.onnx_file:read_tensors",
     post_export=("qcompile.lowering.contrib_to_qdq:contrib_to_qdq",),
     bits_hint="use --target ort for 2-bit",
 )
