@@ -45,7 +45,7 @@ def matrix_bits(recipe) -> float:
     options = recipe.weight_options()
     if options is None:
         return 32.0
-    from qcompile.weight_format import container_bits
+    from qcompile.formats.integer import container_bits
 
     spec = options.body_spec()
     return container_bits(spec.bits) + (32 / spec.group_size if spec.group_size > 0 else 0)

@@ -12,8 +12,9 @@ Two granularities:
   fixed channels); static scales keep old codes valid as the cache grows, so a decoding step
   never re-quantizes the past.
 
-int4 codes pack two positions of ``head_dim`` per byte, low nibble first (the weight layout's
-rule). A third form is ONNX Runtime's own (``GroupQueryAttention`` with ``k_quant_type`` /
+int4 codes pack two positions of ``head_dim`` per byte, low nibble first, with the integer
+format's packer (:func:`qcompile.formats.integer.pack_int4`). A third form is ONNX Runtime's
+own (``GroupQueryAttention`` with ``k_quant_type`` /
 ``v_quant_type`` ``PER_CHANNEL``): signed codes ``x ≈ code * scale`` with one static scale per
 (head, channel) for keys and values alike, int8 as ``int8``, int4 as ``code + 8`` packed low
 nibble first; :func:`quantize_symmetric` reproduces it (checked against the kernel in
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from qcompile.formats.integer import pack_int4, unpack_int4
+
 __all__ = [
     "levels",
     "quantize_per_token",
@@ -37,8 +40,6 @@ __all__ = [
     "channel_span",
     "normalize_channels",
     "denormalize_channels",
-    "pack_int4",
-    "unpack_int4",
     "packed_dim",
     "symmetric_scale",
     "quantize_symmetric",
@@ -55,20 +56,6 @@ def levels(bits: int) -> int:
 def packed_dim(head_dim: int, bits: int) -> int:
     """Bytes per position per head: ``head_dim`` for int8, ``head_dim / 2`` for int4."""
     return head_dim if bits == 8 else head_dim // 2
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Float codes in [0, 15] ``[..., D]`` -> uint8 ``[..., D/2]``, element 2j in the low nibble."""
-    pairs = codes.unflatten(-1, (codes.shape[-1] // 2, 2))
-    return (pairs[..., 0] + pairs[..., 1] * 16).to(torch.uint8)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[..., D/2]`` -> float codes ``[..., D]`` (inverse of :func:`pack_int4`)."""
-    values = packed.to(torch.float32)
-    high = torch.floor(values / 16)
-    low = values - high * 16
-    return torch.stack((low, high), dim=-1).flatten(-2)
 
 
 def _store(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -2,9 +2,14 @@
 
 Each op is a ``torch.library.custom_op`` with a fake (meta) implementation for export and a
 pure-torch reference implementation that *is* the numerical specification every lowering is
-checked against. Weights arrive in the canonical packed layout of
-:mod:`qcompile.weight_format`.
+checked against. The ``wN`` ops take ONNX Runtime's packed layout
+(:mod:`qcompile.weight_format`), for the ``ort`` targets.
 
+* ``dequantize(codes, scales, zero_points, family, bits, block_size, axis)``: the
+  layout-neutral form, the float ``[N, K]`` weight of unpacked codes (one per byte) in the
+  named format family (:mod:`qcompile.formats`), blocks along ``axis``; a plain ``linear`` or
+  ``embedding`` consumes it. Targets that pack the codes themselves after export (``onnx-qdq``:
+  typed int4 / int8 ``DequantizeLinear``) take this form.
 * ``linear_wNa16(x, packed, scales, zero_points, bias, bits, block_size, in_features)``:
   weight-only quantized ``x @ W.T + bias``; ``packed`` is ``[N, k_blocks, blob]`` uint8,
   ``zero_points`` the packed ``[N, ceil(k_blocks*cbits/8)]`` uint8 (or ``None``, symmetric).
@@ -24,17 +29,32 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.weight_format import (
-    container_bits,
-    dequantize_codes,
-    per_ic_container_bits,
-    unpack_codes,
-    unpack_per_ic,
-    unpack_zero_points,
-)
+from qcompile.formats import QuantFormat, get_format
+from qcompile.formats.integer import container_bits, dequantize_codes
+from qcompile.weight_format import (per_ic_container_bits, unpack_codes, unpack_per_ic,
+                                    unpack_zero_points)
 
-__all__ = ["linear_wNa16", "linear_wNa16_per_ic", "embedding_wN", "dequantize_packed",
-           "dequantize_packed_per_ic"]
+__all__ = ["dequantize", "linear_wNa16", "linear_wNa16_per_ic", "embedding_wN",
+           "dequantize_packed", "dequantize_packed_per_ic"]
+
+
+@torch.library.custom_op("qcompile::dequantize", mutates_args=())
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    family: str,
+    bits: int,
+    block_size: int,
+    axis: int,
+) -> torch.Tensor:
+    fmt = QuantFormat(family, bits, block_size, axis, symmetric=zero_points is None)
+    return get_format(family).dequantize(codes, scales, zero_points, fmt).to(scales.dtype)
+
+
+@dequantize.register_fake
+def _dequantize_fake(codes, scales, zero_points, family, bits, block_size, axis):
+    return scales.new_empty(codes.shape)
 
 
 def dequantize_packed(packed, scales, zero_points, bits: int, block_size: int, k: int):

@@ -1,18 +1,15 @@
-"""Integer weight formats: the numbers behind every quantized weight in qcompile.
+"""Integer weights as passes hand them over, and ONNX Runtime's ``MatMulNBits`` byte layout.
 
-A quantized weight is a :class:`QuantizedWeight`: unsigned integer codes ``[N, K]`` (torch
-``Linear`` layout, out x in), one float scale per group of ``group_size`` inputs along K, and
-either one integer zero point per group (asymmetric) or the implicit mid-point of the storage
-container (symmetric). The real value is ``(code - zero) * scale``.
+The numbers themselves (containers, grids, the reference dequantize) are the integer format's
+(:mod:`qcompile.formats.integer`). A quantized weight is a :class:`QuantizedWeight`: unsigned
+integer codes ``[N, K]`` (torch ``Linear`` layout, out x in), one float scale per group of
+``group_size`` inputs along K, and either one integer zero point per group (asymmetric) or the
+implicit mid-point of the storage container (symmetric); ``QuantizedWeight.format`` says so as
+a layout-neutral :class:`~qcompile.formats.QuantFormat`.
 
-Codes live in a *container* of 2, 4 or 8 bits. A 3-bit code is stored in a 4-bit container: it
-keeps its 3-bit range (so its quality is 3-bit) but costs 4 bits of storage, because neither
-ONNX nor ONNX Runtime has a 3-bit type. Symmetric codes are offset by half the container
-(``2^(container-1)``), which is what ONNX Runtime's ``MatMulNBits`` assumes when no zero points
-are given.
-
-The *canonical packed layout* (DESIGN.md) is ORT ``MatMulNBits``'s: ``[N, k_blocks, blob]``
-uint8, packed along K, lowest bits first, the last block zero-padded.
+The packing below is the ``ort`` target's: ``MatMulNBits``'s ``[N, k_blocks, blob]`` uint8,
+packed along K, lowest bits first, the last block zero-padded (``onnx-qdq`` keeps the codes
+unpacked and types them as ONNX int4 / int8 tensors instead).
 
 *Per-IC groups* (AdaDim, ``axis=0``): the groups run along N instead, so for each input column
 ``j`` every ``group_size`` consecutive output rows share a scale and zero point; scales and
@@ -28,45 +25,25 @@ import math
 
 import torch
 
+from qcompile.formats.descriptor import QuantFormat
+from qcompile.formats.integer import FAMILY, container_bits, dequantize
+
 __all__ = [
     "QuantizedWeight",
-    "container_bits",
-    "effective_group_size",
     "pack_codes",
     "unpack_codes",
     "pack_zero_points",
     "unpack_zero_points",
-    "dequantize_codes",
     "per_ic_container_bits",
     "pack_per_ic",
     "unpack_per_ic",
 ]
-
-SUPPORTED_BITS = (2, 3, 4, 8)
-
-
-def container_bits(bits: int) -> int:
-    """The storage width of a ``bits``-wide code (3-bit codes use 4-bit storage)."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported weight bit width {bits}; choose one of {SUPPORTED_BITS}")
-    return {2: 2, 3: 4, 4: 4, 8: 8}[bits]
 
 
 def per_ic_container_bits(bits: int) -> int:
     """The storage width of a per-IC code: a ``DequantizeLinear`` type of opset 21 (int4/uint4
     for 2-, 3- and 4-bit codes, int8/uint8 for 8-bit; int2 needs opset 25)."""
     return 8 if container_bits(bits) == 8 else 4
-
-
-def effective_group_size(group_size: int, in_features: int) -> int:
-    """The block size along K; per-channel (``group_size <= 0``) becomes one power-of-two block.
-
-    ORT's ``MatMulNBits`` wants power-of-two blocks of at least 16; a single block at least as
-    long as K, zero-padded, is exactly per-channel quantization.
-    """
-    if group_size > 0:
-        return group_size
-    return max(16, 1 << math.ceil(math.log2(in_features)))
 
 
 @dataclasses.dataclass
@@ -107,15 +84,14 @@ class QuantizedWeight:
     def symmetric(self) -> bool:
         return self.zeros is None
 
+    @property
+    def format(self) -> QuantFormat:
+        """The layout-neutral description of these codes (what each target packs)."""
+        return QuantFormat(FAMILY, self.bits, self.group_size, self.axis, self.symmetric)
+
     def dequantize(self) -> torch.Tensor:
         """The float ``[N, K]`` weight these codes stand for."""
-        if self.per_ic:
-            zeros = None if self.zeros is None else self.zeros.T
-            return dequantize_codes(self.codes.T, self.scales.T, zeros, self.container_bits,
-                                    self.group_size).T.contiguous()
-        return dequantize_codes(
-            self.codes, self.scales, self.zeros, self.container_bits, self.group_size
-        )
+        return dequantize(self.codes, self.scales, self.zeros, self.format)
 
     def storage_bytes(self) -> int:
         """Bytes of packed codes, scales and packed zero points as exported."""
@@ -128,23 +104,6 @@ class QuantizedWeight:
         blob = self.group_size * self.container_bits // 8
         zero_bytes = 0 if self.zeros is None else n * math.ceil(blocks * self.container_bits / 8)
         return n * blocks * blob + self.scales.numel() * 4 + zero_bytes
-
-
-def _expand_groups(per_group: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
-    return per_group.repeat_interleave(group_size, dim=1)[:, :k]
-
-
-def dequantize_codes(codes, scales, zeros, cbits: int, group_size: int) -> torch.Tensor:
-    """``(code - zero) * scale`` with per-group scale/zero broadcast along K."""
-    k = codes.shape[1]
-    zero = (
-        torch.full_like(scales, float(1 << (cbits - 1)))
-        if zeros is None
-        else zeros.to(torch.float32)
-    )
-    z = _expand_groups(zero, group_size, k)
-    s = _expand_groups(scales.to(torch.float32), group_size, k)
-    return (codes.to(torch.float32) - z) * s
 
 
 def _pack_last_dim(values: torch.Tensor, cbits: int) -> torch.Tensor:

@@ -252,7 +252,7 @@ def _exported_codes_equal(initializers: dict, path: str, packed: torch.Tensor) -
 
 def _code_shapes(final: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """``{module path: (container bits, codes per row)}`` of each packed linear of ``final``."""
-    from qcompile.weight_format import container_bits
+    from qcompile.formats.integer import container_bits
 
     linear = torch.ops.qcompile.linear_wNa16.default
     shapes = {}

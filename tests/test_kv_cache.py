@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qcompile import kv_codec
+from qcompile.formats.integer import pack_int4, unpack_int4
 from qcompile.compiler import compile_bundle
 from qcompile.errors import QcompileError
 from qcompile.recipes import load_recipe
@@ -18,10 +19,10 @@ from qcompile.runtimes.ladder import verify_bundle
 
 def test_int4_pack_roundtrip_low_nibble_first():
     codes = torch.randint(0, 16, (2, 3, 5, 8)).float()
-    packed = kv_codec.pack_int4(codes)
+    packed = pack_int4(codes)
     assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 5, 4)
     assert int(packed[0, 0, 0, 0]) == int(codes[0, 0, 0, 0] + 16 * codes[0, 0, 0, 1])
-    assert torch.equal(kv_codec.unpack_int4(packed), codes)
+    assert torch.equal(unpack_int4(packed), codes)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

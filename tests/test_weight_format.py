@@ -8,9 +8,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from qcompile.formats.integer import container_bits, effective_group_size
 from qcompile.weight_format import (
-    container_bits,
-    effective_group_size,
     pack_codes,
     pack_zero_points,
     unpack_codes,

@@ -31,7 +31,8 @@ from qcompile.algorithms.gptq import (
     visit_order,
 )
 from qcompile.block_calibration import BlockJob
-from qcompile.weight_format import QuantizedWeight, effective_group_size
+from qcompile.formats.integer import effective_group_size
+from qcompile.weight_format import QuantizedWeight
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight, quantize_weight_per_ic
 
 __all__ = ["DIMS", "quantize_along", "gptq_quantize_per_ic", "OutputErrorProbe"]

@@ -225,7 +225,7 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, spec: WeightQuantSpec,
                 max_shrink: float = 0.5, grid: int = 20) -> torch.Tensor:
     """``weight`` clamped per (row, group) to the range that minimises the group's output
     error ``||x_g (Q(clamp(w_g)) - w_g)^T||`` over the shrink factors ``1 - i/grid``."""
-    from qcompile.weight_format import effective_group_size
+    from qcompile.formats.integer import effective_group_size
 
     size = effective_group_size(spec.group_size, weight.shape[1])
     w_g = _grouped(weight, size)                        # [N, G, g]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.weight_format import QuantizedWeight, container_bits, effective_group_size
+from qcompile.formats.integer import container_bits, effective_group_size
+from qcompile.weight_format import QuantizedWeight
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
 __all__ = ["HessianAccumulator", "gptq_quantize", "inverse_hessian_factor", "drop_dead_inputs",

@@ -33,7 +33,8 @@ import torch
 from torch.func import functional_call
 
 from qcompile.block_calibration import BlockAlgorithm, BlockJob
-from qcompile.weight_format import QuantizedWeight, container_bits
+from qcompile.formats.integer import container_bits
+from qcompile.weight_format import QuantizedWeight
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
 __all__ = [

@@ -25,7 +25,7 @@ from onnxscript import opset21 as op
 
 from qcompile import attention_op, ops  # noqa: F401  (register the ops this table translates)
 from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN, register_contrib_schemas
-from qcompile.weight_format import container_bits
+from qcompile.formats.integer import container_bits
 
 __all__ = ["ort_translation_table"]
 
