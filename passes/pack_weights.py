@@ -1,14 +1,20 @@
 """Replace fake-quantized weights with packed integer weights and ``qcompile::`` ops.
 
-Does the following transformation (the *lowered quant ops* stage of the parity ladder)::
+Does the following transformation (the *lowered quant ops* stage of the parity ladder),
+in the target's weight layout (``PassContext.weight_layout``)::
 
+    matmul_nbits (ort):
     linear(x, W_fq, b)       ->  qcompile::linear_wNa16(x, packed, scales, zero_points, b, ...)
     linear(x, W_fq, b)       ->  qcompile::linear_wNa16_per_ic(x, ...)   (per-IC groups, AdaDim)
     embedding(E_fq, ids)     ->  qcompile::embedding_wN(ids, packed, scales, zero_points, ...)
+    codes (onnx-qdq):
+    linear(x, W_fq, b)       ->  linear(x, qcompile::dequantize(codes, scales, zero_points, ...), b)
+    embedding(E_fq, ids)     ->  embedding(qcompile::dequantize(codes, ...), ids)
 
-using the integer form recorded by a quantization pass in ``node.meta["qcompile.qweight"]``,
-in the canonical packed layout (:mod:`qcompile.weight_format`). Float weights that no longer
-feed anything are dropped so they are not exported.
+using the integer form recorded by a quantization pass in ``node.meta["qcompile.qweight"]``:
+ONNX Runtime's packed bytes (:mod:`qcompile.weight_format`), or the layout-neutral codes that
+the target types after export. Float weights that no longer feed anything are dropped so they
+are not exported.
 
 A tied embedding quantized exactly like the lm_head reads the lm_head's packed tensors instead
 of its own copy, as onnxruntime-genai's builder does for its int4 models.
@@ -69,6 +75,10 @@ class PackWeights(QPass):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         quantized = [(n, n.meta[QWEIGHT_META]) for n in graph_module.graph.nodes
                      if n.meta.get(QWEIGHT_META) is not None]
+        if self.context.weight_layout == "codes":
+            for node, qweight in quantized:
+                self._lower_to_codes(graph_module, node, qweight)
+            return self._finish(graph_module)
         shared = _tied_embedding_and_head(quantized, self.context.layers)
         for node, qweight in quantized:
             if shared and node is shared[0]:
@@ -78,6 +88,9 @@ class PackWeights(QPass):
             embedding, head = shared
             self._lower(graph_module, embedding, embedding.meta[QWEIGHT_META],
                         shared_with=module_path(head))
+        return self._finish(graph_module)
+
+    def _finish(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph_module.graph.eliminate_dead_code()
         drop_unused_tensors(graph_module)
         graph_module.recompile()
@@ -102,6 +115,23 @@ class PackWeights(QPass):
             return [None if name == "zero_points" and qweight.zeros is None
                     else gm.graph.get_attr(f"{head_path}.{name}")
                     for name in ("qweight", "scales", "zero_points")]
+
+    def _lower_to_codes(self, gm, node: torch.fx.Node, qweight: QuantizedWeight) -> None:
+        """``linear(x, W_fq)`` -> ``linear(x, qcompile::dequantize(codes, ...))``: the codes stay
+        unpacked (one per byte) for a target that packs them after export."""
+        path = module_path(node)
+        codes, scales, zeros = self._attrs(gm, node, path, (
+            qweight.codes.contiguous(), qweight.scales.contiguous(),
+            None if qweight.zeros is None else qweight.zeros.contiguous()))
+        fmt = qweight.format
+        with gm.graph.inserting_before(node):
+            weight = gm.graph.call_function(torch.ops.qcompile.dequantize.default, (
+                codes, scales, zeros, fmt.family, fmt.bits, fmt.block_size, fmt.axis))
+        weight.meta = {k: v for k, v in node.meta.items() if k != QWEIGHT_META}
+        index = 0 if node.target == torch.ops.aten.embedding.default else 1
+        node.update_arg(index, weight)
+        node.meta.pop(QWEIGHT_META)
+        self.context.layers.setdefault(path, {})["bytes"] = qweight.storage_bytes()
 
     def _lower(self, gm, node: torch.fx.Node, qweight: QuantizedWeight,
                shared_with: str | None = None) -> None:

@@ -96,6 +96,7 @@ def build_stages(
     recapture: bool = True,
     group_query_attention: bool = False,
     calibrated=None,
+    weight_layout: str = "matmul_nbits",
 ) -> Stages:
     """Capture ``loaded`` and run ``recipe``'s passes; optionally keep per-stage copies.
 
@@ -104,7 +105,8 @@ def build_stages(
     ``group_query_attention`` captures each layer's attention as one op (see
     :func:`attention_lowering`); every torch stage then runs its reference implementation.
     ``calibrated`` (a bundle's :class:`~qcompile.calibration_record.CalibrationRecord`) is
-    replayed by the calibrated pass instead of calibrating again.
+    replayed by the calibrated pass instead of calibrating again. ``weight_layout`` is the
+    target's (how packed weights enter the graph).
     """
     signature = decoder_signature(loaded.model)
     with step("capturing the KV-cache decoder with torch.export", timings, "capture_s"):
@@ -114,7 +116,7 @@ def build_stages(
     exported = copy.deepcopy(module) if keep_snapshots else None
     context = PassContext(loaded.model_type, loaded.config, model=loaded.model,
                           signature=signature, tokenizer=loaded.tokenizer,
-                          calibrated=calibrated)
+                          calibrated=calibrated, weight_layout=weight_layout)
     snapshots: dict[str, torch.nn.Module] = {}
 
     def snapshot(stage: str, gm: torch.fx.GraphModule) -> None:
@@ -176,7 +178,8 @@ def compile_bundle(
     if accuracy_level is None:
         accuracy_level = recipe.accuracy_level or 0
     stages = build_stages(loaded, recipe, keep_snapshots=False, timings=timings,
-                          group_query_attention=attention["kind"] == GQA)
+                          group_query_attention=attention["kind"] == GQA,
+                          weight_layout=target.weight_layout)
     with atomic_directory(out_dir, force) as tmp:
         with step(f"lowering to ONNX for target {target.name}", timings, "lower_s"):
             graph = export_onnx(stages.program, target, tmp, accuracy_level,

@@ -50,6 +50,9 @@ class PassContext:
     #: a calibrated pass's output (:class:`~qcompile.calibration_record.CalibrationRecord`);
     #: set beforehand (``verify`` reading a bundle's record) the pass replays it instead
     calibrated: Any = None
+    #: the target's ``weight_layout`` (:class:`~qcompile.targets.base.Target`), which
+    #: ``pack_weights`` emits
+    weight_layout: str = "matmul_nbits"
     passes_run: list[dict] = dataclasses.field(default_factory=list)
 
 

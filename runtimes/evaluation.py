@@ -22,6 +22,7 @@ from qcompile.runtimes.evaluate import perplexity, perplexity_through_cache
 from qcompile.runtimes.generation import OrtGenerator
 from qcompile.runtimes.ort_runner import OrtRunner
 from qcompile.runtimes.torch_runner import TorchRunner
+from qcompile.targets import get_target
 from qcompile.text_data import token_ids, token_windows
 
 __all__ = ["evaluate_bundle"]
@@ -74,7 +75,8 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
         stages = build_stages(loaded, recipe_of_report(report), keep_snapshots=False,
                               timings={}, recapture=False,
                               group_query_attention=group_query_attention_of_report(report),
-                              calibrated=load_record(bundle))
+                              calibrated=load_record(bundle),
+                              weight_layout=get_target(report["target"]["name"]).weight_layout)
         results["bundle_torch_reference"] = perplexity(
             TorchRunner(stages.final), ids, "bundle (torch reference)")
     if not foreign:

@@ -232,7 +232,7 @@ def _unpacked_weights(metadata: dict, initializers: dict) -> dict:
 
 
 def _exported_codes_equal(initializers: dict, path: str, packed: torch.Tensor) -> bool | None:
-    """Compare the exported form of ``path`` with its canonical packed bytes (None: absent)."""
+    """Compare the exported form of ``path`` with the torch stage's codes (None: absent)."""
     if f"{path}.qweight" in initializers:  # ort target: the canonical bytes themselves
         return bool(np.array_equal(initializers[f"{path}.qweight"], packed.numpy()))
     if f"{path}.qweight_int8" in initializers:  # onnx-qdq symmetric 8-bit embedding
@@ -243,7 +243,9 @@ def _exported_codes_equal(initializers: dict, path: str, packed: torch.Tensor) -
     array = initializers[f"{path}.weight_q"]  # onnx-qdq linear: [K, N] int4/int8
     k = array.shape[0]
     cbits = 8 if array.dtype in (np.int8, np.uint8) else 4
-    codes = unpack_codes(packed, cbits, k).numpy().astype(np.int16)
+    # [N, K] layout-neutral codes (onnx-qdq), or ORT's packed bytes (ort's per-IC linears)
+    codes = packed if packed.ndim == 2 else unpack_codes(packed, cbits, k)
+    codes = codes.numpy().astype(np.int16)
     exported = array.astype(np.int16).T
     if f"{path}.weight_zero_point" not in initializers:
         exported = exported + (1 << (cbits - 1))
@@ -324,7 +326,8 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
     record = load_record(bundle)
     stages = build_stages(loaded, recipe, keep_snapshots=True, timings={}, recapture=False,
                           group_query_attention=group_query_attention_of_report(report),
-                          calibrated=record)
+                          calibrated=record,
+                          weight_layout=get_target(report["target"]["name"]).weight_layout)
     inputs = verification_inputs(loaded.tokenizer, loaded.config.vocab_size)
     ladder = _Ladder(stages, bundle, report, inputs)
     skipped: list[dict] = []

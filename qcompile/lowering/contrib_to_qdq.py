@@ -1,18 +1,15 @@
-"""Rewrite ONNX Runtime contrib quantized ops into standard ONNX (opset 21) Q/DQ form.
+"""The ``ort`` target's post-export step: padded per-channel ``MatMulNBits`` to DQ + MatMul.
 
 Does the following transformation on an onnx-ir model, reading the constant packed weights::
 
-    MatMulNBits(A, B, scales, zp)          -> MatMul(A, DequantizeLinear(W_kn, s, zp))
-    GatherBlockQuantized(data, ids, s, zp) -> DequantizeLinear(Gather(data, ids),
-                                                             Gather(s, ids), Gather(zp, ids))
+    MatMulNBits(A, B, scales, zp)   (one block, zero-padded past K)
+        -> MatMul(A, DequantizeLinear(W_kn, s, zp, axis=1))
 
-``W_kn`` is ``[K, N]`` int4/uint4 (3- and 4-bit codes) or int8/uint8, blocked along axis 0
-(``block_size``) or per-axis along axis 1 (one block covering K: per-channel). The DQ feeds
-MatMul's second input directly, which is the shape ONNX Runtime's ``DQMatMulToMatMulNBits``
-fusion looks for. Symmetric weights become signed types with no zero point.
-
-Both entry points also lower per-IC linears (:mod:`qcompile.lowering.per_ic`), which have no
-contrib form on either target.
+``W_kn`` is ``[K, N]`` int4/uint4 or int8/uint8, per-axis along axis 1; the file stores exactly
+K codes per row, and ONNX Runtime fuses the pair back into ``MatMulNBits`` when the session is
+created. Symmetric weights become signed types with no zero point. Per-IC linears
+(:mod:`qcompile.lowering.per_ic`), which have no contrib form, are lowered here too.
+(``onnx-qdq`` lowers from the layout-neutral codes instead: :mod:`qcompile.targets.onnx_qdq`.)
 """
 
 from __future__ import annotations
@@ -24,10 +21,10 @@ import torch
 from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN
 from qcompile.lowering.per_ic import per_ic_to_qdq
 from qcompile.lowering.qdq_graph import (add_initializer, attribute, constant,
-                                         replace_by_dq_matmul, replace_node, typed_codes)
+                                         replace_by_dq_matmul, typed_codes)
 from qcompile.weight_format import unpack_codes, unpack_zero_points
 
-__all__ = ["contrib_to_qdq", "padded_per_channel_to_qdq"]
+__all__ = ["padded_per_channel_to_qdq"]
 
 def _weight_dq(graph, node: ir.Node, name: str) -> ir.Node:
     """The DequantizeLinear that yields MatMulNBits' float ``[K, N]`` weight."""
@@ -59,51 +56,6 @@ def _lower_matmul_nbits(graph: ir.Graph, node: ir.Node) -> None:
     dq = _weight_dq(graph, node, name)
     bias = node.inputs[5] if len(node.inputs) > 5 else None
     replace_by_dq_matmul(graph, node, dq, name, bias)
-
-
-def _table_rows(data: ir.Value) -> np.ndarray:
-    """The embedding table's constant rows, also when it is the lm_head's tensor shared through
-    a ``Reshape`` (see :mod:`qcompile.passes.pack_weights`)."""
-    producer = data.producer()
-    if data.const_value is None and producer is not None and producer.op_type == "Reshape":
-        shared = constant(producer.inputs[0])
-        return shared.reshape(shared.shape[0], -1)
-    return constant(data)
-
-
-def _lower_gather_block_quantized(graph: ir.Graph, node: ir.Node) -> None:
-    data, ids, scales = node.inputs[0], node.inputs[1], node.inputs[2]
-    zp = node.inputs[3] if len(node.inputs) > 3 else None
-    name = data.name.removesuffix(".qweight").removesuffix("_qweight")
-    if zp is None:
-        signed = (_table_rows(data).astype(np.int16) - 128).astype(np.int8)
-        data = add_initializer(graph, f"{name}.qweight_int8", signed)
-    gathers = [ir.node("Gather", [t, ids], attributes={"axis": 0}) for t in (data, scales, zp)
-               if t is not None]
-    dq = ir.node(
-        "DequantizeLinear",
-        [g.outputs[0] for g in gathers],
-        attributes={"axis": -1, "block_size": attribute(node, "block_size")},
-        name=f"{name}/DequantizeLinear",
-    )
-    replace_node(graph, node, [*gathers, dq])
-
-
-def contrib_to_qdq(model: ir.Model) -> ir.Model:
-    """Replace every MatMulNBits / GatherBlockQuantized (and per-IC linear) in ``model`` by
-    standard ops."""
-    model = per_ic_to_qdq(model)
-    for node in list(model.graph):
-        if node.domain != MICROSOFT_DOMAIN:
-            continue
-        if node.op_type == "MatMulNBits":
-            _lower_matmul_nbits(model.graph, node)
-        elif node.op_type == "GatherBlockQuantized":
-            _lower_gather_block_quantized(model.graph, node)
-    model.opset_imports.pop(MICROSOFT_DOMAIN, None)
-    if model.opset_imports.get("", 0) < 21:
-        raise ValueError("onnx-qdq needs opset 21 or newer (int4 and blocked DequantizeLinear)")
-    return model
 
 
 def _is_padded_per_channel(node: ir.Node) -> bool:

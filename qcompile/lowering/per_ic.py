@@ -48,20 +48,27 @@ from qcompile.lowering.qdq_graph import (add_initializer, attribute, constant,
                                          replace_by_dq_matmul, typed_codes)
 from qcompile.weight_format import per_ic_container_bits, unpack_per_ic
 
-__all__ = ["PLACEHOLDER_DOMAIN", "per_ic_translation_table", "per_ic_to_qdq"]
+__all__ = ["PLACEHOLDER_DOMAIN", "FLOAT_TYPES", "schema_param", "per_ic_translation_table",
+           "per_ic_to_qdq"]
 
 #: the domain of the placeholder node; it never reaches a saved model
 PLACEHOLDER_DOMAIN = "ai.qcompile"
 _OP = "LinearPerIC"
 
 
-def _placeholder_schema() -> OpSchema:
-    def param(name: str, type_str: str, optional: bool = False) -> OpSchema.FormalParameter:
-        option = (OpSchema.FormalParameterOption.Optional if optional
-                  else OpSchema.FormalParameterOption.Single)
-        return OpSchema.FormalParameter(name, type_str, param_option=option)
+#: the float types a placeholder's activations and scales may have
+FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
-    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+def schema_param(name: str, type_str: str, optional: bool = False) -> OpSchema.FormalParameter:
+    """One input or output of a placeholder op's schema."""
+    option = (OpSchema.FormalParameterOption.Optional if optional
+              else OpSchema.FormalParameterOption.Single)
+    return OpSchema.FormalParameter(name, type_str, param_option=option)
+
+
+def _placeholder_schema() -> OpSchema:
+    param, floats = schema_param, FLOAT_TYPES
     return OpSchema(
         _OP, PLACEHOLDER_DOMAIN, 1,
         inputs=[param("A", "T1"), param("packed", "T2"), param("scales", "T1"),

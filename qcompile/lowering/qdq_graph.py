@@ -1,9 +1,9 @@
 """Graph helpers every Q/DQ lowering shares: read constant inputs, add initializers, type
 integer codes the ONNX way, and replace a quantized op by ``DequantizeLinear -> MatMul (-> Add)``.
 
-The contrib-op rewrite (:mod:`qcompile.lowering.contrib_to_qdq`) and the per-IC lowering
-(:mod:`qcompile.lowering.per_ic`) both build that chain; it lives here once, so neither
-imports the other.
+The ``ort`` target's padded per-channel rewrite (:mod:`qcompile.lowering.contrib_to_qdq`), the
+per-IC lowering (:mod:`qcompile.lowering.per_ic`) and ``onnx-qdq``'s lowering
+(:mod:`qcompile.targets.onnx_qdq.rewrite`) all build on these; they live here once.
 """
 
 from __future__ import annotations

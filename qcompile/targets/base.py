@@ -34,6 +34,10 @@ class Target:
     #: ``"module:function"`` returning ``(initializers, metadata)`` of the bundle's model file:
     #: how the parity ladder reads the shipped integer codes back
     read_tensors: str
+    #: how ``pack_weights`` hands quantized weights to the lowering: ``"matmul_nbits"``
+    #: (ONNX Runtime's packed bytes in ``qcompile::linear_wNa16`` / ``embedding_wN``) or
+    #: ``"codes"`` (layout-neutral codes through ``qcompile::dequantize``, packed after export)
+    weight_layout: str
     #: ``"module:function"`` rewrites run on the exported onnx-ir model, in order
     post_export: tuple[str, ...] = ()
     #: ``"module:function"`` run on the bundle directory after the ONNX model is written, with

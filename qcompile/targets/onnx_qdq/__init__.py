@@ -6,8 +6,9 @@
 
 Any ONNX runtime can load it; ONNX Runtime's optimizer fuses the DQ -> MatMul pairs into
 MatMulNBits. It has no int4 Gather and no GroupQueryAttention, so the KV cache is either float
-or quantized explicitly (``+kv8`` / ``+kv4``). Today it is lowered through the ``ort`` table and
-rewritten op by op (:mod:`qcompile.lowering.contrib_to_qdq`).
+or quantized explicitly (``+kv8`` / ``+kv4``). It lowers from the layout-neutral codes
+(``qcompile::dequantize``, :mod:`~qcompile.targets.onnx_qdq.translation`), which it types as
+int4 / int8 after export (:mod:`~qcompile.targets.onnx_qdq.rewrite`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ TARGET = Target(
     linear_bits=(3, 4, 8),
     embedding_bits=(8,),
     default_recipe="w4a16-gptq-g32-qdq",
-    translation="qcompile.targets.ort.translation:translation_table",  # then rewritten
+    translation="qcompile.targets.onnx_qdq.translation:translation_table",
     read_tensors="qcompile.targets.onnx_file:read_tensors",
-    post_export=("qcompile.lowering.contrib_to_qdq:contrib_to_qdq",),
+    weight_layout="codes",
+    post_export=("qcompile.targets.onnx_qdq.rewrite:lower_dequantize",),
     bits_hint="use --target ort for 2-bit",
 )

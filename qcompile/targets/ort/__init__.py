@@ -22,6 +22,7 @@ TARGET = Target(
     default_recipe="w4a16-gptq-g32-kv8",
     translation="qcompile.targets.ort.translation:translation_table",
     read_tensors="qcompile.targets.onnx_file:read_tensors",
+    weight_layout="matmul_nbits",
     post_export=("qcompile.lowering.contrib_to_qdq:padded_per_channel_to_qdq",),
     fuse=True,
     int8_without_fusion=True,
