@@ -24,7 +24,7 @@ import torch
 from qcompile.algorithms.adadim import (DIMS, OutputErrorProbe, gptq_quantize_per_ic,
                                         quantize_along)
 from qcompile.algorithms.gptq import gptq_quantize
-from qcompile.block_calibration import BlockAlgorithm, BlockJob
+from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import register_pass
 

@@ -22,7 +22,7 @@ from qcompile.algorithms.awq import (
     search_clip,
     search_scale,
 )
-from qcompile.block_calibration import BlockAlgorithm, BlockJob
+from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import register_pass
 from qcompile.weight_quantizer import quantize_weight

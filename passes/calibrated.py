@@ -1,7 +1,7 @@
 """Base of the calibrated weight passes (GPTQ, AWQ, FlexRound, LRQ, AdaDim).
 
 A calibrated pass is the RTN pass with a smarter :meth:`quantize`: before touching the graph it
-runs its :class:`~qcompile.block_calibration.BlockAlgorithm` block by block over calibration
+runs its :class:`~qcompile.calibration.engine.BlockAlgorithm` block by block over calibration
 text on the eager source model (``context.model``, left unchanged), which yields
 
 * the integer form of every body linear (``qweights``, by module path), and
@@ -19,9 +19,9 @@ import dataclasses
 import torch
 from torch.fx.passes.infra.pass_base import PassResult
 
-from qcompile.block_calibration import BlockAlgorithm, run_block_calibration
-from qcompile.calibration_data import CalibrationOptions, calibration_samples
-from qcompile.calibration_record import CalibrationRecord
+from qcompile.calibration.engine import BlockAlgorithm, run_block_calibration
+from qcompile.calibration.data import CalibrationOptions, calibration_samples
+from qcompile.calibration.record import CalibrationRecord
 from qcompile.capture import WRAPPER_ATTRIBUTE
 from qcompile.errors import QcompileError
 from qcompile.fx_utils import get_tensor, set_buffer

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from qcompile.algorithms.learned_rounding import LearnedRounding, LearnedRoundingOptions
-from qcompile.block_calibration import BlockAlgorithm
+from qcompile.calibration.engine import BlockAlgorithm
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import register_pass
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from qcompile.algorithms.gptq import HessianAccumulator, gptq_quantize
-from qcompile.block_calibration import BlockAlgorithm, BlockJob
+from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import register_pass
 

@@ -37,6 +37,7 @@ import torch.utils._pytree as pytree
 from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile import kv_codec, kv_in_attention
+from qcompile.calibration.observers import ChannelRange, calibration_windows
 from qcompile.capture import CacheEntry, CacheLayout, ExportSignature
 from qcompile.console import progress_bar
 from qcompile.errors import QcompileError
@@ -143,22 +144,21 @@ class QuantizeKVCache(QPass):
 
     def _calibrate(self, gm: torch.fx.GraphModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer and tensor (k0, v0, k1, ...): per-(head, channel) min and max."""
-        windows = _calibration_windows(self.context, self.options)
+        windows = calibration_windows(self.context, self.options.calibration_windows,
+                                      self.options.calibration_tokens)
         empty = self.context.signature.cache.empty(1)
-        lows: list[torch.Tensor] | None = None
-        highs: list[torch.Tensor] = []
+        observers: list[ChannelRange] = []
         bar, task = progress_bar("calibrating KV-cache channel ranges", len(windows))
         with bar, torch.no_grad():
             for window in windows:
                 ids = window[None, :]
                 _, presents = gm(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  past_key_values=list(empty))
-                low = [p.amin(dim=(0, 2)) for p in presents]
-                high = [p.amax(dim=(0, 2)) for p in presents]
-                lows = low if lows is None else [torch.minimum(a, b) for a, b in zip(lows, low)]
-                highs = high if not highs else [torch.maximum(a, b) for a, b in zip(highs, high)]
+                observers = observers or [ChannelRange(keep=(1, 3)) for _ in presents]
+                for observer, present in zip(observers, presents):
+                    observer.observe(present)
                 bar.advance(task)
-        return list(zip(lows, highs))
+        return [observer.result() for observer in observers]
 
 
 def describe(options: KVOptions) -> str:
@@ -180,19 +180,6 @@ def _describe_role(options: KVOptions, role: str) -> str:
 def _token_groups(head_dim: int, options: KVOptions) -> int:
     """Scales per position and head (a group_size of head_dim or more: one)."""
     return head_dim // options.group_size if 0 < options.group_size < head_dim else 1
-
-
-def _calibration_windows(context, options: KVOptions) -> torch.Tensor:
-    from qcompile.text_data import token_ids, token_windows
-
-    tokenizer = getattr(context, "tokenizer", None)
-    if tokenizer is not None:
-        ids = token_ids(tokenizer, None, split="calibration")
-        return token_windows(ids, options.calibration_tokens, options.calibration_windows)
-    generator = torch.Generator().manual_seed(0)
-    vocab = int(context.config.vocab_size)
-    return torch.randint(0, vocab, (options.calibration_windows, options.calibration_tokens),
-                         generator=generator)
 
 
 def _quantized_layout(cache: CacheLayout, options: KVOptions) -> CacheLayout:

@@ -20,7 +20,7 @@ from qcompile.attention_capture import unsupported_reason
 from qcompile.bundle import (CompileReport, atomic_directory, check_output_path, directory_bytes,
                              model_bytes, model_file, write_report)
 from qcompile.bundle_size import estimate_bundle_bytes
-from qcompile.calibration_record import save_record
+from qcompile.calibration.record import save_record
 from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step
 from qcompile.errors import QcompileError
@@ -104,7 +104,7 @@ def build_stages(
     stages need no ExportedProgram; ``Stages.program`` is then the pre-pass capture).
     ``group_query_attention`` captures each layer's attention as one op (see
     :func:`attention_lowering`); every torch stage then runs its reference implementation.
-    ``calibrated`` (a bundle's :class:`~qcompile.calibration_record.CalibrationRecord`) is
+    ``calibrated`` (a bundle's :class:`~qcompile.calibration.record.CalibrationRecord`) is
     replayed by the calibrated pass instead of calibrating again. ``weight_layout`` is the
     target's (how packed weights enter the graph).
     """

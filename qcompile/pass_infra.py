@@ -47,7 +47,7 @@ class PassContext:
     layers: dict[str, dict] = dataclasses.field(default_factory=dict)
     #: what a calibrated pass calibrated on and how long it took (report.json "calibration")
     calibration: dict = dataclasses.field(default_factory=dict)
-    #: a calibrated pass's output (:class:`~qcompile.calibration_record.CalibrationRecord`);
+    #: a calibrated pass's output (:class:`~qcompile.calibration.record.CalibrationRecord`);
     #: set beforehand (``verify`` reading a bundle's record) the pass replays it instead
     calibrated: Any = None
     #: the target's ``weight_layout`` (:class:`~qcompile.targets.base.Target`), which

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pathlib
 
 from qcompile.bundle import GENAI_CONFIG_FILE, REPORT_FILE, model_file, read_report, record_evaluation
-from qcompile.calibration_record import load_record
+from qcompile.calibration.record import load_record
 from qcompile.compiler import build_stages, group_query_attention_of_report
 from qcompile.console import step
 from qcompile.errors import QcompileError

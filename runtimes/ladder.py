@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from qcompile.bundle import model_file, read_report, update_report
-from qcompile.calibration_record import RECORD_FILE, load_record
+from qcompile.calibration.record import RECORD_FILE, load_record
 from qcompile.compiler import Stages, build_stages, group_query_attention_of_report
 from qcompile.console import step
 from qcompile.errors import QcompileError

@@ -177,7 +177,7 @@ def _quantize(model, algo: str, bits: int, block_size: int, symmetric: bool,
 def _calibration_windows(fp32_bundle: pathlib.Path, samples: int, seq_len: int):
     from transformers import AutoTokenizer
 
-    from qcompile.calibration_data import CalibrationOptions, calibration_samples
+    from qcompile.calibration.data import CalibrationOptions, calibration_samples
 
     tokenizer = AutoTokenizer.from_pretrained(fp32_bundle)
     return calibration_samples(CalibrationOptions(samples=samples, seq_len=seq_len),

@@ -18,7 +18,7 @@ import sys
 _CHILD = r"""
 import json, sys, torch
 from transformers import LlamaConfig, AutoModelForCausalLM
-from qcompile.block_calibration import BlockAlgorithm, run_block_calibration
+from qcompile.calibration.engine import BlockAlgorithm, run_block_calibration
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
 class RoundToNearest(BlockAlgorithm):

@@ -117,7 +117,7 @@ def calibration_options_of(recipes):
 def calibration_tokens(options, tokenizer, vocab_size: int, path: pathlib.Path):
     """Our calibration samples under ``options``, saved to ``path`` for the peers."""
     import torch
-    from qcompile.calibration_data import calibration_samples
+    from qcompile.calibration.data import calibration_samples
 
     ids = calibration_samples(options, tokenizer, vocab_size).to(torch.int64).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from qcompile.algorithms.adadim import (OutputErrorProbe, gptq_quantize_per_ic,
                                         quantize_along)
 from qcompile.algorithms.gptq import HessianAccumulator
-from qcompile.block_calibration import ActivationStore, BlockJob
+from qcompile.calibration.engine import ActivationStore, BlockJob
 from qcompile.ops import dequantize_packed_per_ic
 from qcompile.passes.adadim import AdaDimBlocks, AdaDimGPTQBlocks, AdaDimGPTQOptions, AdaDimOptions
 from qcompile.recipes import recipe_from_dict

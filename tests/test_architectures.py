@@ -123,7 +123,7 @@ def test_calibration_engine_gives_each_block_its_own_inputs(arch):
     the mask and rotary tables of its layer type (a global block run with a sliding block's
     mask, as when block 0's were reused, drifts from block 2 on), and GPT-2 its positional
     attention mask."""
-    from qcompile.block_calibration import BlockAlgorithm, run_block_calibration
+    from qcompile.calibration.engine import BlockAlgorithm, run_block_calibration
     from qcompile.capture import prepare_for_capture
 
     class RecordInputs(BlockAlgorithm):

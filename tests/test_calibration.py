@@ -22,8 +22,8 @@ from qcompile.runtimes.ladder import verify_bundle
 
 from qcompile.algorithms.awq import apply_scale, scaling_groups, search_clip, search_scale
 from qcompile.algorithms.gptq import HessianAccumulator, gptq_quantize
-from qcompile.block_calibration import BlockAlgorithm, run_block_calibration
-from qcompile.calibration_record import RECORD_FILE, CalibrationRecord, load_record, save_record
+from qcompile.calibration.engine import BlockAlgorithm, run_block_calibration
+from qcompile.calibration.record import RECORD_FILE, CalibrationRecord, load_record, save_record
 from qcompile.compiler import compile_bundle
 from qcompile.errors import QcompileError
 from qcompile.weight_format import QuantizedWeight

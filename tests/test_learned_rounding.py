@@ -17,7 +17,7 @@ from qcompile.algorithms.learned_rounding import (
     default_learning_rate,
     lrq_rank,
 )
-from qcompile.block_calibration import ActivationStore, BlockJob, run_block_calibration
+from qcompile.calibration.engine import ActivationStore, BlockJob, run_block_calibration
 from qcompile.errors import QcompileError
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 

@@ -30,7 +30,7 @@ from qcompile.algorithms.gptq import (
     inverse_hessian_factor,
     visit_order,
 )
-from qcompile.block_calibration import BlockJob
+from qcompile.calibration.engine import BlockJob
 from qcompile.formats.integer import effective_group_size
 from qcompile.weight_format import QuantizedWeight
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight, quantize_weight_per_ic

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch.func import functional_call
 
-from qcompile.block_calibration import BlockAlgorithm, BlockJob
+from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.formats.integer import container_bits
 from qcompile.weight_format import QuantizedWeight
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight

@@ -32,7 +32,7 @@ _FORMAT = "qcompile-calibration-record-1"
 @dataclasses.dataclass
 class CalibrationRecord:
     """What one calibrated pass produced: ``qweights`` by module path, ``float_updates`` by
-    parameter name (see :class:`~qcompile.block_calibration.BlockCalibrationResult`)."""
+    parameter name (see :class:`~qcompile.calibration.engine.BlockCalibrationResult`)."""
 
     algorithm: str
     qweights: dict[str, QuantizedWeight]
