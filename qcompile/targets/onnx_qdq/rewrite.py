@@ -4,6 +4,7 @@ Does the following transformation on the exported onnx-ir model, where the codes
 zero points are constant initializers in the layout-neutral form (:mod:`qcompile.formats`)::
 
     MatMul(A, Transpose(Dequantize(codes, s, zp)))  ->  MatMul(A, DequantizeLinear(W_kn, s', zp'))
+    Gemm(A, Dequantize(codes, s, zp), C, transB=1)  ->  MatMul(A, DequantizeLinear(W_kn, ...)) + C
     Gather(Dequantize(codes, s, zp), ids)           ->  DequantizeLinear(Gather(codes', ids),
                                                             Gather(s, ids), Gather(zp, ids))
     Dequantize(codes, s, zp)  (anything else)       ->  DequantizeLinear(codes', s, zp)
@@ -23,8 +24,8 @@ import onnx_ir as ir
 
 from qcompile.formats.integer import FAMILY, container_bits
 from qcompile.lowering.per_ic import PLACEHOLDER_DOMAIN
-from qcompile.lowering.qdq_graph import (add_initializer, attribute, constant, replace_node,
-                                         typed_codes)
+from qcompile.lowering.qdq_graph import (add_initializer, attribute, constant,
+                                         replace_by_dq_matmul, replace_node, typed_codes)
 from qcompile.targets.onnx_qdq.translation import DEQUANTIZE_OP
 
 __all__ = ["lower_dequantize"]
@@ -97,11 +98,23 @@ def _is_matmul_transpose(user: ir.Node) -> bool:
             and all(u.op_type == "MatMul" and i == 1 for u, i in user.outputs[0].uses()))
 
 
+def _is_gemm_weight(user: ir.Node, value: ir.Value) -> bool:
+    """``Gemm(A, W, C, transB=1)`` with unit alpha and beta: a linear of a 2-D input."""
+    return (user.op_type == "Gemm" and len(user.inputs) > 1 and user.inputs[1] is value
+            and attribute(user, "transB", 0) == 1 and attribute(user, "transA", 0) == 0
+            and attribute(user, "alpha", 1.0) == 1.0 and attribute(user, "beta", 1.0) == 1.0)
+
+
 def _lower(graph: ir.Graph, node: ir.Node) -> None:
     users = [u for u, _ in node.outputs[0].uses()]
     if users and all(_is_matmul_transpose(u) for u in users):
         for user in users:
             replace_node(graph, user, [_matmul_weight(graph, node)])
+    elif users and all(_is_gemm_weight(u, node.outputs[0]) for u in users):
+        for user in users:
+            bias = user.inputs[2] if len(user.inputs) > 2 else None
+            name = node.inputs[0].name.removesuffix(".qweight")
+            replace_by_dq_matmul(graph, user, _matmul_weight(graph, node), name, bias)
     elif users and all(u.op_type == "Gather" and attribute(u, "axis", 0) == 0
                        and u.inputs[0] is node.outputs[0] for u in users):
         for user in users:
