@@ -207,11 +207,19 @@ def wait_for_temporary(process, parent, name, seconds=300):
     pytest.fail(f"no temporary directory appeared (exit {process.poll()})")
 
 
+def _default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_killed_compile_leaves_nothing(tmp_path, tiny_model_dir, signum, status):
+    # a runner started in the background (``cmd &``) passes SIGINT on ignored, which the compile
+    # rightly keeps ignoring; the user's compile at a terminal has the default disposition
     process = subprocess.Popen(qcompile("compile", str(tiny_model_dir("llama")), *W4,
                                         "-o", str(tmp_path / "b")),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_signals)
     try:
         wait_for_temporary(process, tmp_path, "b")
         time.sleep(0.5)  # into the lowering, with partial files written
