@@ -14,17 +14,17 @@ created. Symmetric weights become signed types with no zero point. Per-IC linear
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 import torch
 
 from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN
 from qcompile.lowering.per_ic import per_ic_to_qdq
-from qcompile.lowering.qdq_graph import (add_initializer, attribute, constant,
+from qcompile.lowering.qdq_graph import (attribute, constant, matmul_weight_dq,
                                          replace_by_dq_matmul, typed_codes)
 from qcompile.weight_format import unpack_codes, unpack_zero_points
 
 __all__ = ["padded_per_channel_to_qdq"]
+
 
 def _weight_dq(graph, node: ir.Node, name: str) -> ir.Node:
     """The DequantizeLinear that yields MatMulNBits' float ``[K, N]`` weight."""
@@ -37,18 +37,7 @@ def _weight_dq(graph, node: ir.Node, name: str) -> ir.Node:
         zp = torch.from_numpy(constant(node.inputs[3]))
         zeros = unpack_zero_points(zp, cbits, scales.shape[1]).numpy()
     codes, zeros = typed_codes(codes, zeros, cbits)
-    per_channel = scales.shape[1] == 1
-    scale_kn = scales[:, 0] if per_channel else scales.T
-    inputs = [
-        add_initializer(graph, f"{name}.weight_q", np.ascontiguousarray(codes.T)),
-        add_initializer(graph, f"{name}.weight_scale", np.ascontiguousarray(scale_kn)),
-    ]
-    if zeros is not None:
-        zero_kn = zeros[:, 0] if per_channel else zeros.T
-        inputs.append(add_initializer(graph, f"{name}.weight_zero_point",
-                                      np.ascontiguousarray(zero_kn)))
-    attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": block}
-    return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{name}/DequantizeLinear")
+    return matmul_weight_dq(graph, name, codes, zeros, scales, block, blocked_axis=1)
 
 
 def _lower_matmul_nbits(graph: ir.Graph, node: ir.Node) -> None:

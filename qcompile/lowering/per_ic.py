@@ -37,14 +37,13 @@ fusion in that session).
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript
 import torch
 from onnx.defs import OpSchema
 
-from qcompile.lowering.qdq_graph import (add_initializer, attribute, constant,
+from qcompile.lowering.qdq_graph import (attribute, constant, matmul_weight_dq,
                                          replace_by_dq_matmul, typed_codes)
 from qcompile.weight_format import per_ic_container_bits, unpack_per_ic
 
@@ -106,15 +105,7 @@ def _weight_dq(graph: ir.Graph, node: ir.Node, name: str) -> ir.Node:
     codes, zeros = unpack_per_ic(torch.from_numpy(packed), zp, bits, k)
     codes, zeros = typed_codes(codes.numpy(), None if zeros is None else zeros.numpy(),
                                per_ic_container_bits(bits))
-    per_channel = scales.shape[0] == 1
-    inputs = [add_initializer(graph, f"{name}.weight_q", np.ascontiguousarray(codes.T)),
-              add_initializer(graph, f"{name}.weight_scale",
-                           np.ascontiguousarray(scales[0] if per_channel else scales.T))]
-    if zeros is not None:
-        inputs.append(add_initializer(graph, f"{name}.weight_zero_point",
-                                   np.ascontiguousarray(zeros[0] if per_channel else zeros.T)))
-    attrs = {"axis": 0} if per_channel else {"axis": 1, "block_size": block}
-    return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{name}/DequantizeLinear")
+    return matmul_weight_dq(graph, name, codes, zeros, scales, block, blocked_axis=0)
 
 
 def _lower(graph: ir.Graph, node: ir.Node) -> None:

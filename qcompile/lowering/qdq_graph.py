@@ -12,8 +12,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["attribute", "constant", "typed_codes", "add_initializer", "replace_node",
-           "replace_by_dq_matmul"]
+__all__ = ["attribute", "constant", "typed_codes", "add_initializer", "matmul_weight_dq",
+           "replace_node", "replace_by_dq_matmul"]
 
 _SIGNED = {4: ml_dtypes.int4, 8: np.int8}
 _UNSIGNED = {4: ml_dtypes.uint4, 8: np.uint8}
@@ -46,6 +46,28 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value.type = ir.TensorType(ir.tensor(array).dtype)
     graph.register_initializer(value)
     return value
+
+
+def matmul_weight_dq(graph: ir.Graph, name: str, codes: np.ndarray, zeros: np.ndarray | None,
+                     scales: np.ndarray, block_size: int, blocked_axis: int) -> ir.Node:
+    """The DequantizeLinear of MatMul's float ``[K, N]`` weight from typed ``[N, K]`` codes.
+
+    The blocks run along ``blocked_axis`` of ``[N, K]`` (1: along K, per output channel
+    groups; 0: along N, per-IC groups), scales and zero points shaped accordingly. In ``[K, N]``
+    they become ``block_size`` on the other axis; a single block (per-channel) becomes
+    per-axis quantization along the axis that is not blocked.
+    """
+    if scales.shape[blocked_axis] == 1:
+        arrays = [codes.T, *(None if t is None else np.take(t, 0, axis=blocked_axis)
+                             for t in (scales, zeros))]
+        attrs = {"axis": blocked_axis}
+    else:
+        arrays = [codes.T, scales.T, None if zeros is None else zeros.T]
+        attrs = {"axis": 1 - blocked_axis, "block_size": block_size}
+    suffixes = ("weight_q", "weight_scale", "weight_zero_point")
+    inputs = [add_initializer(graph, f"{name}.{suffix}", np.ascontiguousarray(a))
+              for suffix, a in zip(suffixes, arrays) if a is not None]
+    return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{name}/DequantizeLinear")
 
 
 def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node]) -> None:

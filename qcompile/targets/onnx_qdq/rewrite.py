@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from qcompile.formats.integer import FAMILY, container_bits
 from qcompile.lowering.per_ic import PLACEHOLDER_DOMAIN
-from qcompile.lowering.qdq_graph import (add_initializer, attribute, constant,
+from qcompile.lowering.qdq_graph import (add_initializer, attribute, constant, matmul_weight_dq,
                                          replace_by_dq_matmul, replace_node, typed_codes)
 from qcompile.targets.onnx_qdq.translation import DEQUANTIZE_OP
 
@@ -42,34 +42,19 @@ def _weights(node: ir.Node):
     zp = node.inputs[2] if len(node.inputs) > 2 else None
     codes, zeros = typed_codes(constant(node.inputs[0]),
                                None if zp is None else constant(zp), cbits)
-    name = node.inputs[0].name.removesuffix(".qweight")
-    return name, codes, zeros, constant(node.inputs[1]), cbits
+    return _name(node), codes, zeros, constant(node.inputs[1]), cbits
 
 
-def _dequantize_linear(graph, name: str, arrays: list, attrs: dict, suffixes) -> ir.Node:
-    inputs = [add_initializer(graph, f"{name}.{suffix}", np.ascontiguousarray(a))
-              for suffix, a in zip(suffixes, arrays) if a is not None]
-    return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{name}/DequantizeLinear")
+def _name(node: ir.Node) -> str:
+    """The module path a placeholder's weights are named by."""
+    return node.inputs[0].name.removesuffix(".qweight")
 
 
 def _matmul_weight(graph, node: ir.Node) -> ir.Node:
     """The DequantizeLinear yielding the float ``[K, N]`` weight (MatMul's second input)."""
     name, codes, zeros, scales, _ = _weights(node)
-    block, axis = attribute(node, "block_size"), attribute(node, "axis")
-    n, k = codes.shape
-    if axis == 1 and scales.shape[1] == 1 and block >= k:  # per-channel: per-axis on N
-        arrays, attrs = [codes.T, scales[:, 0], None if zeros is None else zeros[:, 0]], {
-            "axis": 1}
-    elif axis == 1:
-        arrays, attrs = [codes.T, scales.T, None if zeros is None else zeros.T], {
-            "axis": 0, "block_size": block}
-    elif scales.shape[0] == 1 and block >= n:  # per-IC, one block per column: per-axis on K
-        arrays, attrs = [codes.T, scales[0], None if zeros is None else zeros[0]], {"axis": 0}
-    else:
-        arrays, attrs = [codes.T, scales.T, None if zeros is None else zeros.T], {
-            "axis": 1, "block_size": block}
-    return _dequantize_linear(graph, name, arrays, attrs,
-                              ("weight_q", "weight_scale", "weight_zero_point"))
+    return matmul_weight_dq(graph, name, codes, zeros, scales, attribute(node, "block_size"),
+                            blocked_axis=attribute(node, "axis"))
 
 
 def _gathered_rows(graph, node: ir.Node, gather: ir.Node) -> list[ir.Node]:
@@ -113,19 +98,19 @@ def _lower(graph: ir.Graph, node: ir.Node) -> None:
     elif users and all(_is_gemm_weight(u, node.outputs[0]) for u in users):
         for user in users:
             bias = user.inputs[2] if len(user.inputs) > 2 else None
-            name = node.inputs[0].name.removesuffix(".qweight")
-            replace_by_dq_matmul(graph, user, _matmul_weight(graph, node), name, bias)
+            replace_by_dq_matmul(graph, user, _matmul_weight(graph, node), _name(node), bias)
     elif users and all(u.op_type == "Gather" and attribute(u, "axis", 0) == 0
                        and u.inputs[0] is node.outputs[0] for u in users):
         for user in users:
             replace_node(graph, user, _gathered_rows(graph, node, user))
-    else:
+    else:  # any other use: the same [N, K] weight, blocked along its own axis
         name, codes, zeros, scales, _ = _weights(node)
-        axis = attribute(node, "axis")
-        replace_node(graph, node, [_dequantize_linear(
-            graph, name, [codes, scales, zeros],
-            {"axis": axis, "block_size": attribute(node, "block_size")},
-            ("weight_q", "weight_scale", "weight_zero_point"))])
+        inputs = [add_initializer(graph, f"{name}.{suffix}", np.ascontiguousarray(a))
+                  for suffix, a in (("weight_q", codes), ("weight_scale", scales),
+                                    ("weight_zero_point", zeros)) if a is not None]
+        attrs = {"axis": attribute(node, "axis"), "block_size": attribute(node, "block_size")}
+        replace_node(graph, node, [ir.node("DequantizeLinear", inputs, attributes=attrs,
+                                           name=f"{name}/DequantizeLinear")])
         return
     graph.remove(node, safe=True)
 
