@@ -14,12 +14,12 @@ the same rounding applied to the transposed weight.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
-from qcompile.formats.integer import (SUPPORTED_BITS, effective_group_size, fit_group_params,
-                                     group_ranges, grouped, round_codes)
+from qcompile.formats.descriptor import QuantFormat
+from qcompile.formats.integer import (FAMILY, SUPPORTED_BITS, effective_group_size,
+                                     fit_group_params, group_ranges, quantize, round_codes)
 from qcompile.weight_format import QuantizedWeight
 
 __all__ = ["WeightQuantSpec", "quantize_weight", "quantize_weight_per_ic"]
@@ -86,26 +86,27 @@ def _search_clip(w, mask, spec: WeightQuantSpec, grid: int = 40, max_shrink: flo
     return best_scale, best_zero
 
 
+def _format(spec: WeightQuantSpec, length: int, axis: int) -> QuantFormat:
+    """The integer format ``spec`` describes for blocks along an axis of ``length``."""
+    return QuantFormat(FAMILY, spec.bits, effective_group_size(spec.group_size, length), axis,
+                       spec.symmetric)
+
+
+def _fit(spec: WeightQuantSpec):
+    """The clipping search as the format's grid fit (None: the plain min/max range)."""
+    return (lambda w, mask: _search_clip(w, mask, spec)) if spec.mse_clip else None
+
+
 def quantize_weight(weight: torch.Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
     """Round-to-nearest codes for a float ``[N, K]`` weight under ``spec``."""
-    weight = weight.detach().to(torch.float32)
-    n, k = weight.shape
-    group = effective_group_size(spec.group_size, k)
-    w, mask = grouped(weight, group)
-    if spec.mse_clip:
-        scale, zero = _search_clip(w, mask, spec)
-    else:
-        scale, zero = fit_group_params(*group_ranges(w, mask), spec.bits, spec.symmetric)
-    codes = round_codes(torch.nan_to_num(w), scale, zero, spec.bits, spec.symmetric)
-    codes = codes.reshape(n, -1)[:, :k].to(torch.uint8)
-    zeros = None if spec.symmetric else zero.to(torch.uint8)
-    return QuantizedWeight(codes, scale.to(torch.float32), zeros, spec.bits, group)
+    fmt = _format(spec, weight.shape[1], axis=1)
+    codes, scales, zeros = quantize(weight, fmt, _fit(spec))
+    return QuantizedWeight(codes, scales, zeros, spec.bits, fmt.block_size)
 
 
 def quantize_weight_per_ic(weight: torch.Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
     """Round-to-nearest codes for ``[N, K]`` with groups of ``spec.group_size`` output rows
     per input column (``axis=0``; ``group_size`` 0: one group per whole column)."""
-    transposed = quantize_weight(weight.T, spec)
-    zeros = None if transposed.zeros is None else transposed.zeros.T.contiguous()
-    return QuantizedWeight(transposed.codes.T.contiguous(), transposed.scales.T.contiguous(),
-                           zeros, spec.bits, transposed.group_size, axis=0)
+    fmt = _format(spec, weight.shape[0], axis=0)
+    codes, scales, zeros = quantize(weight, fmt, _fit(spec))
+    return QuantizedWeight(codes, scales, zeros, spec.bits, fmt.block_size, axis=0)

@@ -19,7 +19,9 @@ in this form), the ``qcompile::`` reference ops and the targets' packers all use
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -123,21 +125,25 @@ def group_ranges(w, mask) -> tuple[torch.Tensor, torch.Tensor]:
     return wmin, wmax
 
 
-def quantize(weight: torch.Tensor, fmt: QuantFormat):
-    """Reference round-to-nearest of a float ``[N, K]`` weight on ``fmt``'s min/max grid.
+def quantize(weight: torch.Tensor, fmt: QuantFormat, fit: Callable | None = None):
+    """Reference round-to-nearest of a float ``[N, K]`` weight on ``fmt``'s grid.
 
-    Returns ``(codes uint8 [N, K], scales float32, zeros uint8 or None)``, the scales and zero
-    points shaped per ``fmt.axis`` (see the module docstring).
+    ``fit(grouped, mask) -> (scale, zero)`` chooses each block's grid (default: its min/max
+    range, :func:`fit_group_params`; the RTN pass's MSE clipping passes its search). Returns
+    ``(codes uint8 [N, K], scales float32, zeros uint8 or None)``, the scales and zero points
+    shaped per ``fmt.axis`` (see the module docstring).
     """
     if fmt.axis == 0:
-        codes, scales, zeros = quantize(weight.T, QuantFormat(
-            fmt.family, fmt.bits, fmt.block_size, 1, fmt.symmetric, fmt.scale_dtype))
+        codes, scales, zeros = quantize(weight.T, dataclasses.replace(fmt, axis=1), fit)
         return codes.T.contiguous(), scales.T.contiguous(), None if zeros is None else \
             zeros.T.contiguous()
     weight = weight.detach().to(torch.float32)
     n, k = weight.shape
     w, mask = grouped(weight, fmt.block_size)
-    scale, zero = fit_group_params(*group_ranges(w, mask), fmt.bits, fmt.symmetric)
+    if fit is None:
+        scale, zero = fit_group_params(*group_ranges(w, mask), fmt.bits, fmt.symmetric)
+    else:
+        scale, zero = fit(w, mask)
     codes = round_codes(torch.nan_to_num(w), scale, zero, fmt.bits, fmt.symmetric)
     codes = codes.reshape(n, -1)[:, :k].to(torch.uint8)
     return codes, scale.to(torch.float32), None if fmt.symmetric else zero.to(torch.uint8)
