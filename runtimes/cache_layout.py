@@ -18,7 +18,7 @@ import numpy as np
 from qcompile.errors import QcompileError
 
 __all__ = ["PAST_PREFIX", "PRESENT_PREFIX", "CacheSlot", "GraphOutput", "cache_slots",
-           "cache_bytes_per_token", "graph_inputs", "graph_outputs"]
+           "cache_bytes_per_token", "graph_inputs", "graph_outputs", "value_info"]
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
@@ -144,18 +144,8 @@ def _ort_format_session(model_path):
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
-def graph_inputs(model_path) -> list[GraphOutput]:
-    """The inputs of an ONNX or ORT-format model file, like :func:`graph_outputs`."""
-    import onnx
-
-    if pathlib.Path(model_path).suffix == ".ort":
-        return [GraphOutput(v.name, tuple(v.shape), v.type)
-                for v in _ort_format_session(model_path).get_inputs()]
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [_value_info(v) for v in graph.input]
-
-
-def _value_info(node) -> GraphOutput:
+def value_info(node) -> GraphOutput:
+    """An ONNX ``ValueInfoProto`` as a :class:`GraphOutput`."""
     import onnx
 
     tensor = node.type.tensor_type
@@ -164,13 +154,25 @@ def _value_info(node) -> GraphOutput:
     return GraphOutput(node.name, shape, _ORT_TYPE_NAMES.get(type_name, type_name))
 
 
-def graph_outputs(model_path) -> list[GraphOutput]:
-    """The outputs of an ONNX file, read without loading its external weights (of an
-    ORT-format file, from an unoptimized session: it has no separate weights file)."""
+def _graph_values(model_path, side: str) -> list[GraphOutput]:
+    """The ``side`` ("input" / "output") values of a model file: of an ONNX file read without
+    its external weights, of an ORT-format file from an unoptimized session (it has no
+    separate weights file)."""
     import onnx
 
     if pathlib.Path(model_path).suffix == ".ort":
-        return [GraphOutput(v.name, tuple(v.shape), v.type)
-                for v in _ort_format_session(model_path).get_outputs()]
+        session = _ort_format_session(model_path)
+        values = session.get_inputs() if side == "input" else session.get_outputs()
+        return [GraphOutput(v.name, tuple(v.shape), v.type) for v in values]
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [_value_info(v) for v in graph.output]
+    return [value_info(v) for v in getattr(graph, side)]
+
+
+def graph_inputs(model_path) -> list[GraphOutput]:
+    """The inputs of an ONNX or ORT-format model file."""
+    return _graph_values(model_path, "input")
+
+
+def graph_outputs(model_path) -> list[GraphOutput]:
+    """The outputs of an ONNX or ORT-format model file."""
+    return _graph_values(model_path, "output")

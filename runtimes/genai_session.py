@@ -16,7 +16,7 @@ import numpy as np
 
 from qcompile.errors import QcompileError
 from qcompile.bundle.files import GENAI_CONFIG_FILE, MODEL_FILE, MODEL_FILES, check_bundle_files
-from qcompile.runtimes.cache_layout import graph_inputs
+from qcompile.runtimes.cache_layout import graph_inputs, value_info
 from qcompile.runtimes.generation import (
     PAST_PREFIX,
     Sampling,
@@ -75,12 +75,16 @@ def choose_engine(requested: str, bundles) -> tuple[str, str]:
 
 
 def _graph_fits_genai(bundle: pathlib.Path) -> tuple[bool, str]:
+    import onnx
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    unreadable = (QcompileError, OSError, ValueError,
+                  onnx.onnx_cpp2py_export.checker.ValidationError, ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidProtobuf,
+                  ort_state.NoSuchFile, ort_state.RuntimeException)
     try:
         decoder = load_genai_config(bundle)["model"]["decoder"]
-        model_path = bundle / decoder.get("filename", MODEL_FILE)
-        inputs = graph_inputs(model_path)
-        in_attention = _quantized_in_attention(model_path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable model means genai cannot run it
+        inputs, in_attention = _cache_inputs(bundle / decoder.get("filename", MODEL_FILE))
+    except unreadable as exc:
         return False, f"cannot read the bundle: {exc}"
     formats = [decoder.get("inputs", {}).get(k, "") for k in ("past_key_names",
                                                                "past_value_names")]
@@ -99,22 +103,23 @@ def _graph_fits_genai(bundle: pathlib.Path) -> tuple[bool, str]:
     return True, f"{kind} KV cache named by genai_config.json"
 
 
-def _quantized_in_attention(model_path: pathlib.Path) -> set[str]:
-    """Cache inputs that a ``GroupQueryAttention`` with ``kv_cache_bit_width`` reads as its
-    past key/value: genai binds them like float caches, the op quantizes."""
+def _cache_inputs(model_path: pathlib.Path) -> tuple[list, set[str]]:
+    """The graph's inputs and those a quantizing ``GroupQueryAttention`` reads as its past
+    key / value (genai binds them like float caches, the op quantizes); an ONNX file is read
+    once."""
     import onnx
 
     if model_path.suffix == ".ort":
         from qcompile.targets.ort_mobile.ort_file import quantized_attention_inputs
 
-        return quantized_attention_inputs(model_path)
+        return graph_inputs(model_path), quantized_attention_inputs(model_path)
+    graph = onnx.load(str(model_path), load_external_data=False).graph
     names: set[str] = set()
-    for node in onnx.load(str(model_path), load_external_data=False).graph.node:
+    for node in graph.node:
         if node.op_type == "GroupQueryAttention" and any(
                 a.name == "kv_cache_bit_width" and a.i for a in node.attribute):
             names.update(node.input[3:5])
-    return names
-
+    return [value_info(v) for v in graph.input], names
 
 
 class GenaiSession:
