@@ -88,6 +88,11 @@ def group_query_attention_of_report(report: dict) -> bool:
     return report.get("graph", {}).get("attention", {}).get("kind") == GQA
 
 
+def weight_layout_of_report(report: dict) -> str:
+    """How the bundle's target took its packed weights (:attr:`Target.weight_layout`)."""
+    return get_target(report["target"]["name"]).weight_layout
+
+
 def build_stages(
     loaded: LoadedModel,
     recipe: Recipe,

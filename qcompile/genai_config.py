@@ -44,21 +44,22 @@ def _context_length(config) -> int:
 
 
 def genai_config(config, model_type: str, signature: ExportSignature, tokenizer=None,
-                 share_buffer: bool = False) -> dict:
+                 share_buffer: bool = False, model_file: str = MODEL_FILE) -> dict:
     """The ``genai_config.json`` content for a bundle exported with ``signature``.
 
     ``share_buffer`` (graphs whose attention is ``GroupQueryAttention``): genai binds one
     max-length buffer per cache tensor as both past and present, and the op writes the new
     positions in place instead of copying the whole cache every step. Graphs that concatenate
     past and new keys need separate buffers. qcompile's own loop feeds present -> past either
-    way (the op accepts both forms).
+    way (the op accepts both forms). ``model_file`` is the file the decoder loads
+    (``model.ort`` for ``ort-mobile``).
     """
     cache = signature.cache
     eos = _token_id(config, tokenizer, "eos_token_id", 0)
     context = _context_length(config)
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-        "filename": MODEL_FILE,
+        "filename": model_file,
         "head_size": cache.head_dim,
         "hidden_size": int(config.hidden_size),
         "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
@@ -94,7 +95,6 @@ def write_genai_config(bundle: pathlib.Path, config, model_type: str,
                        signature: ExportSignature, tokenizer=None,
                        share_buffer: bool = False, model_file: str = MODEL_FILE) -> pathlib.Path:
     path = pathlib.Path(bundle) / GENAI_CONFIG_FILE
-    content = genai_config(config, model_type, signature, tokenizer, share_buffer)
-    content["model"]["decoder"]["filename"] = model_file
+    content = genai_config(config, model_type, signature, tokenizer, share_buffer, model_file)
     path.write_text(json.dumps(content, indent=4) + "\n")
     return path

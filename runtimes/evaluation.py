@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import pathlib
 
-from qcompile.bundle import GENAI_CONFIG_FILE, REPORT_FILE, model_file, read_report, record_evaluation
+from qcompile.bundle import (GENAI_CONFIG_FILE, REPORT_FILE, model_file, read_report,
+                             record_evaluation)
 from qcompile.calibration.record import load_record
-from qcompile.compiler import build_stages, group_query_attention_of_report
+from qcompile.compiler import (build_stages, group_query_attention_of_report,
+                               weight_layout_of_report)
 from qcompile.console import step
 from qcompile.errors import QcompileError
 from qcompile.models import load_model
@@ -22,7 +24,6 @@ from qcompile.runtimes.evaluate import perplexity, perplexity_through_cache
 from qcompile.runtimes.generation import OrtGenerator
 from qcompile.runtimes.ort_runner import OrtRunner
 from qcompile.runtimes.torch_runner import TorchRunner
-from qcompile.targets import get_target
 from qcompile.text_data import token_ids, token_windows
 
 __all__ = ["evaluate_bundle"]
@@ -76,7 +77,7 @@ def evaluate_bundle(bundle, text=None, windows=16, seq_len=512, source=True,
                               timings={}, recapture=False,
                               group_query_attention=group_query_attention_of_report(report),
                               calibrated=load_record(bundle),
-                              weight_layout=get_target(report["target"]["name"]).weight_layout)
+                              weight_layout=weight_layout_of_report(report))
         results["bundle_torch_reference"] = perplexity(
             TorchRunner(stages.final), ids, "bundle (torch reference)")
     if not foreign:

@@ -15,7 +15,8 @@ import torch
 
 from qcompile.bundle import model_file, read_report, update_report
 from qcompile.calibration.record import RECORD_FILE, load_record
-from qcompile.compiler import Stages, build_stages, group_query_attention_of_report
+from qcompile.compiler import (Stages, build_stages, group_query_attention_of_report,
+                               weight_layout_of_report)
 from qcompile.console import step
 from qcompile.errors import QcompileError
 from qcompile.lowering.pack_matmul_nbits import packed_members
@@ -327,7 +328,7 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
     stages = build_stages(loaded, recipe, keep_snapshots=True, timings={}, recapture=False,
                           group_query_attention=group_query_attention_of_report(report),
                           calibrated=record,
-                          weight_layout=get_target(report["target"]["name"]).weight_layout)
+                          weight_layout=weight_layout_of_report(report))
     inputs = verification_inputs(loaded.tokenizer, loaded.config.vocab_size)
     ladder = _Ladder(stages, bundle, report, inputs)
     skipped: list[dict] = []

@@ -3,9 +3,9 @@
 A target says which weight formats it can express (checked before the model loads, with the
 fix named), which ``qcompile::`` op translations ``torch.onnx.export`` uses, the rewrites it
 runs on the exported onnx-ir model, how the written bundle is packaged (another model file
-format) and how the ladder reads the shipped codes back, whether it may emit ONNX Runtime's contrib ops (fused
-attention with an in-kernel KV cache, fused norms, packed ``MatMulNBits``), and how the
-parity ladder must judge its integer kernels. Everything outside ``qcompile/targets/`` (the
+format) and how the ladder reads the shipped codes back, whether it may emit ONNX Runtime's
+contrib ops (fused attention with an in-kernel KV cache, fused norms, packed ``MatMulNBits``),
+and how the parity ladder must judge its integer kernels. Everything outside ``qcompile/targets/`` (the
 CLI's choices, the compiler, the ladder, the report) asks the registry, never a name.
 """
 
