@@ -40,9 +40,3 @@ class QuantFormat:
         if self.axis not in (0, 1):
             raise ValueError(f"QuantFormat.axis must be 1 (along K) or 0 (along N), "
                              f"got {self.axis}")
-
-    def describe(self) -> str:
-        """``int4 g128 asym`` style: family and width, block, symmetry (and the axis if N)."""
-        axis = " per-IC" if self.axis == 0 else ""
-        kind = "sym" if self.symmetric else "asym"
-        return f"{self.family}{self.bits} g{self.block_size}{axis} {kind}"

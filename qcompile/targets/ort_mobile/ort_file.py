@@ -1,4 +1,4 @@
-"""Reading an ORT-format model (``model.ort``) back: its initializers, metadata and nodes.
+"""Reading an ORT-format model (``model.ort``) back: its initializers, metadata and attention.
 
 The parity ladder checks the integer codes a bundle ships, so it must read them from the file
 the device loads. ORT-format models are flatbuffers (schema in
@@ -17,7 +17,7 @@ from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession 
 
 from qcompile.bundle.files import REPORT_FILE
 
-__all__ = ["read_tensors", "node_ops", "quantized_attention_inputs"]
+__all__ = ["read_tensors", "quantized_attention_inputs"]
 
 # fbs.TensorDataType -> numpy (the types qcompile writes; others are skipped)
 _NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
@@ -45,14 +45,6 @@ def read_tensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     report = pathlib.Path(path).parent / REPORT_FILE
     package = json.loads(report.read_text()).get("package", {}) if report.is_file() else {}
     return tensors, package.get("metadata_props", {})
-
-
-def node_ops(path) -> list[tuple[str, str, str]]:
-    """``(domain, op_type, execution provider)`` of every node, in graph order."""
-    graph = _model(path).Graph()
-    nodes = (graph.Nodes(i) for i in range(graph.NodesLength()))
-    return [((n.Domain() or b"").decode() or "ai.onnx", n.OpType().decode(),
-             (n.ExecutionProviderType() or b"").decode()) for n in nodes]
 
 
 def quantized_attention_inputs(path) -> set[str]:
