@@ -5,10 +5,8 @@
 
 from __future__ import annotations
 
-from qcompile.passes import pack_weights, quantize_kv_cache, quantize_weights_rtn  # noqa: F401
-from qcompile.passes import awq, gptq  # noqa: F401  (after the RTN pass they build on)
-from qcompile.passes import adadim  # noqa: F401  (after gptq, whose options it extends)
-from qcompile.passes import flexround  # noqa: F401
+from qcompile.passes import (adadim, awq, flexround, gptq, pack_weights,  # noqa: F401
+                             quantize_kv_cache, quantize_weights_rtn)
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import PASS_REGISTRY, QPass
 

@@ -20,45 +20,28 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile.algorithms.adadim import (DIMS, OutputErrorProbe, gptq_quantize_per_ic,
                                         quantize_along)
 from qcompile.algorithms.gptq import gptq_quantize
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.errors import QcompileError
-from qcompile.pass_infra import register_pass
+from qcompile.pass_infra import QPass, compose_options, register_pass
 
-from .calibrated import CalibratedOptions, CalibratedWeightPass
-from .gptq import GPTQOptions
+from .calibrated import CalibrationFields, block_spec, quantize_calibrated
+from .gptq import GPTQFields
+from .weight_steps import WeightFields
 
-__all__ = ["AdaDimOptions", "AdaDimGPTQOptions", "AdaDimRTN", "AdaDimGPTQ"]
+__all__ = ["AdaDimFields", "AdaDimOptions", "AdaDimGPTQOptions", "AdaDimBlocks",
+           "AdaDimGPTQBlocks", "AdaDimRTN", "AdaDimGPTQ"]
 
 _SCOPES = ("module", "linear")
 
 
-def _normalise(options) -> None:
-    object.__setattr__(options, "candidates", tuple(options.candidates))
-
-
-def _validate_adadim(options, where: str) -> None:
-    candidates = options.candidates
-    if not candidates or len(set(candidates)) != len(candidates) \
-            or not set(candidates) <= set(DIMS):
-        raise QcompileError(f"{where}.candidates = {list(candidates)} is not valid",
-                            "a non-empty list of distinct dimensions from [oc, ic]")
-    if options.selection_tokens < 0:
-        raise QcompileError(f"{where}.selection_tokens must be >= 0",
-                            "0 compares on every calibration token; 4096 is the default")
-    if options.scope not in _SCOPES:
-        raise QcompileError(f"{where}.scope = {options.scope!r} is not valid",
-                            "module (the paper: q/k/v judged on the attention output, gate/up "
-                            "on the MLP output) or linear (each linear's own output)")
-
-
 @dataclasses.dataclass(frozen=True)
-class _AdaDimFields:
-    """AdaDim's own options, shared by the RTN and GPTQ variants (a dataclass mixin: its fields
-    follow the base options' fields, and ``validate`` chains to the base's)."""
+class AdaDimFields:
+    """AdaDim's own options, shared by the RTN and GPTQ variants."""
 
     #: [oc, ic] chooses per layer; [ic] forces per-IC groups everywhere, [oc] is plain RTN
     candidates: tuple = DIMS
@@ -67,22 +50,64 @@ class _AdaDimFields:
     #: calibration tokens module outputs are compared on (whole batches; 0: all of them)
     selection_tokens: int = 4096
 
-    def __post_init__(self):
-        _normalise(self)
-
     def validate(self, where: str) -> None:
-        super().validate(where)
-        _validate_adadim(self, where)
+        candidates = self.candidates
+        if not isinstance(candidates, (tuple, list)) or not candidates \
+                or len(set(candidates)) != len(candidates) or not set(candidates) <= set(DIMS):
+            raise QcompileError(f"{where}.candidates = {list(candidates)} is not valid",
+                                "a non-empty list of distinct dimensions from [oc, ic]")
+        if self.selection_tokens < 0:
+            raise QcompileError(f"{where}.selection_tokens must be >= 0",
+                                "0 compares on every calibration token; 4096 is the default")
+        if self.scope not in _SCOPES:
+            raise QcompileError(f"{where}.scope = {self.scope!r} is not valid",
+                                "module (the paper: q/k/v judged on the attention output, "
+                                "gate/up on the MLP output) or linear (each linear's own "
+                                "output)")
 
 
-@dataclasses.dataclass(frozen=True)
-class AdaDimOptions(_AdaDimFields, CalibratedOptions):
-    """RTN's options plus the dimensions to choose from and the output they are judged on."""
+AdaDimOptions = compose_options(
+    "AdaDimOptions", WeightFields, CalibrationFields, AdaDimFields,
+    doc="The weight fields and calibration plus the dimensions to choose from and the output "
+        "they are judged on.")
+AdaDimGPTQOptions = compose_options(
+    "AdaDimGPTQOptions", WeightFields, CalibrationFields, GPTQFields, AdaDimFields,
+    doc="GPTQ's options plus AdaDim's (see :class:`AdaDimFields`).")
 
 
-@dataclasses.dataclass(frozen=True)
-class AdaDimGPTQOptions(_AdaDimFields, GPTQOptions):
-    """GPTQ's options plus AdaDim's (see :class:`AdaDimOptions`)."""
+def _quantized_names(job: BlockJob, spec_for, group: list[str]) -> list[str]:
+    return [n for n in group if spec_for(job.path(n)) is not None]
+
+
+def rtn_candidates(job: BlockJob, name: str, spec, candidates) -> dict:
+    """``{dim: round-to-nearest QuantizedWeight}`` of linear ``name`` for each candidate."""
+    weight = job.linears()[name].weight.detach().cpu()
+    return {dim: quantize_along(weight, spec, dim) for dim in candidates}
+
+
+def choose(choices: dict, path: str, probe: OutputErrorProbe | None, name: str,
+           rtn: dict) -> str:
+    """The candidate dimension whose RTN weight changes ``name``'s comparison output least
+    (ties: the first candidate), recorded in ``choices[path]`` for the report."""
+    if len(rtn) == 1:
+        (dim,) = rtn
+        choices[path] = {"dim": dim}
+        return dim
+    errors = probe.errors(name, {dim: q.dequantize() for dim, q in rtn.items()})
+    best = min(rtn, key=lambda dim: errors[dim])
+    choices[path] = {"dim": best, "mse": errors}
+    return best
+
+
+def choice_notes(choices: dict) -> dict[str, dict]:
+    """report.json's per-layer ``adadim`` (and ``adadim_mse``) from the recorded choices."""
+    notes = {}
+    for path, choice in choices.items():
+        notes[path] = {"adadim": choice["dim"]}
+        if "mse" in choice:
+            notes[path]["adadim_mse"] = {dim: float(f"{e:.6g}")
+                                         for dim, e in choice["mse"].items()}
+    return notes
 
 
 class AdaDimBlocks(BlockAlgorithm):
@@ -95,35 +120,8 @@ class AdaDimBlocks(BlockAlgorithm):
         #: full path -> {"dim": "oc" | "ic", "mse": {dim: error}} for the report
         self.choices: dict[str, dict] = {}
 
-    def _names(self, group: list[str], job: BlockJob) -> list[str]:
-        return [n for n in group if self.spec_for(job.path(n)) is not None]
-
-    def rtn_candidates(self, job: BlockJob, name: str) -> dict:
-        """``{dim: round-to-nearest QuantizedWeight}`` for each candidate dimension."""
-        weight = job.linears()[name].weight.detach().cpu()
-        spec = self.spec_for(job.path(name))
-        return {dim: quantize_along(weight, spec, dim) for dim in self.options.candidates}
-
-    def choose(self, job: BlockJob, probe: OutputErrorProbe | None, name: str,
-               rtn: dict) -> str:
-        """The candidate dimension whose RTN weight changes ``name``'s comparison output
-        least (ties: the first candidate); recorded for the report."""
-        if len(rtn) == 1:
-            (dim,) = rtn
-            self.choices[job.path(name)] = {"dim": dim}
-            return dim
-        errors = probe.errors(name, {dim: q.dequantize() for dim, q in rtn.items()})
-        best = min(rtn, key=lambda dim: errors[dim])
-        self.choices[job.path(name)] = {"dim": best, "mse": errors}
-        return best
-
-    def _store(self, job: BlockJob, name: str, qweight) -> None:
-        linear = job.linears()[name]
-        linear.weight.data = qweight.dequantize().to(linear.weight.device)
-        job.qweights[job.path(name)] = qweight
-
     def process(self, job: BlockJob) -> None:
-        names = self._names([n for g in job.call_groups() for n in g], job)
+        names = _quantized_names(job, self.spec_for, [n for g in job.call_groups() for n in g])
         probe = None
         if len(self.options.candidates) > 1 and names:
             job.progress("capturing comparison inputs")
@@ -131,21 +129,30 @@ class AdaDimBlocks(BlockAlgorithm):
                                      selection_tokens=self.options.selection_tokens)
         for name in names:
             job.progress(f"choosing {name.rsplit('.', 1)[-1]}")
-            rtn = self.rtn_candidates(job, name)
-            self._store(job, name, rtn[self.choose(job, probe, name, rtn)])
+            rtn = rtn_candidates(job, name, self.spec_for(job.path(name)),
+                                 self.options.candidates)
+            job.store(name, rtn[choose(self.choices, job.path(name), probe, name, rtn)])
+
+    def layer_notes(self) -> dict[str, dict]:
+        return choice_notes(self.choices)
 
 
-class AdaDimGPTQBlocks(AdaDimBlocks):
+class AdaDimGPTQBlocks(BlockAlgorithm):
     """AdaDim with GPTQ: per true-sequential group, collect Hessians (and comparison inputs),
     then for each linear choose by RTN error and run GPTQ along the chosen dimension."""
 
     label = "AdaDim-GPTQ"
 
+    def __init__(self, spec_for, options):
+        self.spec_for, self.options = spec_for, options
+        #: as :attr:`AdaDimBlocks.choices`
+        self.choices: dict[str, dict] = {}
+
     def _groups(self, job: BlockJob) -> list[list[str]]:
         groups = job.call_groups()
         if not self.options.true_sequential:
             groups = [[name for group in groups for name in group]]
-        return [g for g in (self._names(g, job) for g in groups) if g]
+        return [g for g in (_quantized_names(job, self.spec_for, g) for g in groups) if g]
 
     def _gptq(self, weight: torch.Tensor, hessian: torch.Tensor, spec, dim: str):
         quantize = gptq_quantize if dim == "oc" else gptq_quantize_per_ic
@@ -160,45 +167,37 @@ class AdaDimGPTQBlocks(AdaDimBlocks):
                                      selection_tokens=self.options.selection_tokens)
             for name in group:
                 job.progress(f"quantizing {name.rsplit('.', 1)[-1]}")
-                dim = self.choose(job, probe, name, self.rtn_candidates(job, name))
-                qweight = self._gptq(linears[name].weight, probe.hessian(name),
-                                     self.spec_for(job.path(name)), dim)
-                self._store(job, name, qweight)
-
-
-class _AdaDimPass(CalibratedWeightPass):
-    """Records each layer's choice in ``context.layers`` once the graph is quantized."""
-
-    blocks_class: type = AdaDimBlocks
-
-    def algorithm(self) -> BlockAlgorithm:
-        self._blocks = self.blocks_class(self.block_spec, self.options)
-        return self._blocks
+                spec = self.spec_for(job.path(name))
+                dim = choose(self.choices, job.path(name), probe, name,
+                             rtn_candidates(job, name, spec, self.options.candidates))
+                job.store(name, self._gptq(linears[name].weight, probe.hessian(name), spec,
+                                           dim))
 
     def layer_notes(self) -> dict[str, dict]:
-        notes = {}
-        for path, choice in self._blocks.choices.items():
-            notes[path] = {"adadim": choice["dim"]}
-            if "mse" in choice:
-                notes[path]["adadim_mse"] = {dim: float(f"{e:.6g}")
-                                             for dim, e in choice["mse"].items()}
-        return notes
-
-    def annotate(self, layer: dict, note: dict) -> None:
-        layer.update(note)
-        if note["adadim"] == "ic":
-            layer["format"] += " per-IC"
+        return choice_notes(self.choices)
 
 
 @register_pass
-class AdaDimRTN(_AdaDimPass):
+class AdaDimRTN(QPass):
     name = "adadim_rtn"
+    quantizes = "weights"
     Options = AdaDimOptions
-    blocks_class = AdaDimBlocks
+    ladder_stage = "fake-quant"
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        algorithm = AdaDimBlocks(block_spec(self.options), self.options)
+        return quantize_calibrated(graph_module, self.context, self.name, self.options,
+                                   algorithm)
 
 
 @register_pass
-class AdaDimGPTQ(_AdaDimPass):
+class AdaDimGPTQ(QPass):
     name = "adadim_gptq"
+    quantizes = "weights"
     Options = AdaDimGPTQOptions
-    blocks_class = AdaDimGPTQBlocks
+    ladder_stage = "fake-quant"
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        algorithm = AdaDimGPTQBlocks(block_spec(self.options), self.options)
+        return quantize_calibrated(graph_module, self.context, self.name, self.options,
+                                   algorithm)

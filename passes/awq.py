@@ -22,20 +22,23 @@ from qcompile.algorithms.awq import (
     search_clip,
     search_scale,
 )
+from torch.fx.passes.infra.pass_base import PassResult
+
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.errors import QcompileError
-from qcompile.pass_infra import register_pass
+from qcompile.pass_infra import QPass, compose_options, register_pass
 from qcompile.weight_quantizer import quantize_weight
 
-from .calibrated import CalibratedOptions, CalibratedWeightPass
+from .calibrated import CalibrationFields, block_spec, quantize_calibrated
+from .weight_steps import WeightFields
 
-__all__ = ["AWQ", "AWQBlocks", "AWQOptions"]
+__all__ = ["AWQ", "AWQBlocks", "AWQFields", "AWQOptions"]
 
 _NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 
 
 @dataclasses.dataclass(frozen=True)
-class AWQOptions(CalibratedOptions):
+class AWQFields:
     """AWQ's knobs, with llm-awq's defaults (20-point alpha grid, clip shrink 0.5 / 20)."""
 
     grid: int = 20
@@ -46,11 +49,14 @@ class AWQOptions(CalibratedOptions):
     clip_tokens: int = 512
 
     def validate(self, where: str) -> None:
-        super().validate(where)
         if self.grid < 1 or not 0 <= self.max_shrink < 1 or self.search_tokens < 16:
             raise QcompileError(f"{where}: grid >= 1, 0 <= max_shrink < 1 and "
                                 "search_tokens >= 16 are required",
                                 "the defaults are grid 20, max_shrink 0.5, search_tokens 4096")
+
+
+AWQOptions = compose_options("AWQOptions", WeightFields, CalibrationFields, AWQFields,
+                             doc="The weight fields, calibration and AWQ's knobs.")
 
 
 class _InputStats:
@@ -73,7 +79,7 @@ class _InputStats:
 class AWQBlocks(BlockAlgorithm):
     label = "AWQ"
 
-    def __init__(self, spec_for, options: AWQOptions, config):
+    def __init__(self, spec_for, options, config):
         self.spec_for, self.options, self.config = spec_for, options, config
         self.alphas: dict[str, float] = {}
 
@@ -120,20 +126,21 @@ class AWQBlocks(BlockAlgorithm):
                 rows = rows[:: max(1, rows.shape[0] // self.options.clip_tokens)]
                 weight = search_clip(weight, rows, spec, self.options.max_shrink,
                                      self.options.grid)
-            qweight = quantize_weight(weight, spec)
-            linear.weight.data = qweight.dequantize().to(linear.weight.device)
-            job.qweights[job.path(name)] = qweight
+            job.store(name, quantize_weight(weight, spec))
+
+    def layer_notes(self) -> dict[str, dict]:
+        return {path: {"awq_alpha": alpha} for path, alpha in self.alphas.items()}
 
 
 @register_pass
-class AWQ(CalibratedWeightPass):
+class AWQ(QPass):
     name = "awq"
+    quantizes = "weights"
     Options = AWQOptions
+    ladder_stage = "fake-quant"
 
-    def algorithm(self) -> BlockAlgorithm:
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         scaling_layout(self.context.config)  # no layout: refused before calibrating
-        self._blocks = AWQBlocks(self.block_spec, self.options, self.context.config)
-        return self._blocks
-
-    def layer_notes(self) -> dict[str, dict]:
-        return {path: {"awq_alpha": alpha} for path, alpha in self._blocks.alphas.items()}
+        algorithm = AWQBlocks(block_spec(self.options), self.options, self.context.config)
+        return quantize_calibrated(graph_module, self.context, self.name, self.options,
+                                   algorithm)

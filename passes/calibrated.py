@@ -1,136 +1,137 @@
-"""Base of the calibrated weight passes (GPTQ, AWQ, FlexRound, LRQ, AdaDim).
+"""What the calibrated weight passes (GPTQ, AWQ, FlexRound, LRQ, AdaDim) share.
 
-A calibrated pass is the RTN pass with a smarter :meth:`quantize`: before touching the graph it
-runs its :class:`~qcompile.calibration.engine.BlockAlgorithm` block by block over calibration
-text on the eager source model (``context.model``, left unchanged), which yields
+A calibrated pass is a :class:`~qcompile.calibration.engine.BlockAlgorithm` run block by block
+over calibration text on the eager source model (``context.model``, left unchanged), which
+yields
 
 * the integer form of every body linear (``qweights``, by module path), and
 * float parameters the algorithm changed exactly (AWQ's scales folded into norms and biases),
 
-then writes the float updates into the graph and lets the RTN machinery fake-quantize the graph
-with the precomputed integer weights. The embedding and ``lm_head`` are not inside decoder
-blocks and keep their RTN settings, so every method exports through the same lowering.
+then the float updates written into the graph and the weight rewrite of every weight pass
+(:func:`~.weight_steps.fake_quantize_weights`) with the precomputed integer weights. The
+embedding and ``lm_head`` are not inside decoder blocks and are rounded to nearest, so every
+method exports through the same lowering. A pass's ``call`` is :func:`quantize_calibrated`
+with its algorithm; nothing is kept on the pass between calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 from torch.fx.passes.infra.pass_base import PassResult
 
-from qcompile.calibration.engine import BlockAlgorithm, run_block_calibration
 from qcompile.calibration.data import CalibrationOptions, calibration_samples
+from qcompile.calibration.engine import BlockAlgorithm, run_block_calibration
 from qcompile.calibration.record import CalibrationRecord
 from qcompile.capture import WRAPPER_ATTRIBUTE
 from qcompile.errors import QcompileError
 from qcompile.fx_utils import get_tensor, set_buffer
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
-from .quantize_weights_rtn import QuantizeWeightsRTN, RTNOptions
+from .weight_steps import fake_quantize_weights, weight_spec
 
-__all__ = ["CalibratedOptions", "CalibratedWeightPass"]
+__all__ = ["CalibrationFields", "block_spec", "quantize_calibrated"]
 
 
 @dataclasses.dataclass(frozen=True)
-class CalibratedOptions(RTNOptions):
-    """RTN's options plus where the calibration text comes from."""
+class CalibrationFields:
+    """Where the calibration text comes from and where the algorithm runs."""
 
     calibration: CalibrationOptions = CalibrationOptions()
     #: "auto": a CUDA GPU when present, else the CPU
     device: str = "auto"
 
     def validate(self, where: str) -> None:
-        super().validate(where)
         self.calibration.validate(f"{where}.calibration")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise QcompileError(f"{where}.device = {self.device!r} is not a device",
                                 "use auto, cpu or cuda[:N]")
 
 
-class CalibratedWeightPass(QuantizeWeightsRTN):
-    """Subclasses set ``Options`` and implement :meth:`algorithm`."""
+def block_spec(options) -> Callable[[str], WeightQuantSpec | None]:
+    """The spec of a linear inside a decoder block, by module path (None: keep it float)."""
+    return lambda path: weight_spec(options, path, "linear")
 
-    Options = CalibratedOptions
 
-    def algorithm(self) -> BlockAlgorithm:  # pragma: no cover - interface
-        raise NotImplementedError
+def quantize_calibrated(gm: torch.fx.GraphModule, context, method: str, options,
+                        algorithm: BlockAlgorithm) -> PassResult:
+    """Calibrate with ``algorithm`` (or replay the record already in ``context``), write its
+    float updates into ``gm`` and fake-quantize every weight with its integer results."""
+    record = _calibrate_or_replay(context, method, options, algorithm)
+    _apply_float_updates(gm, record.float_updates)
+    fake_quantize_weights(gm, context, options, _precomputed_or_rtn(method, record.qweights))
+    for path, note in record.notes.items():
+        if path in context.layers:
+            context.layers[path].update(note)
+    return PassResult(gm, True)
 
-    def block_spec(self, path: str) -> WeightQuantSpec | None:
-        """The spec of a linear inside a decoder block (None: keep it float)."""
-        return self.spec_for(path, "linear")
 
-    def _device(self) -> torch.device:
-        wanted = self.options.device
-        if wanted == "auto":
-            wanted = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.device(wanted)
+def _calibrate_or_replay(context, method: str, options,
+                         algorithm: BlockAlgorithm) -> CalibrationRecord:
+    record = context.calibrated
+    if record is None:
+        record = _calibrate(context, method, options, algorithm)
+    elif record.algorithm != method:
+        raise QcompileError(f"the bundle's calibration record is from {record.algorithm}, "
+                            f"its recipe runs {method}",
+                            "delete calibration.safetensors or re-compile the bundle")
+    else:
+        context.calibration["replayed"] = True
+    context.calibrated = record
+    return record
 
-    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        record = self.context.calibrated
-        if record is None:
-            record = self._calibrate()
-        elif record.algorithm != self.name:
-            raise QcompileError(f"the bundle's calibration record is from {record.algorithm}, "
-                                f"its recipe runs {self.name}",
-                                "delete calibration.safetensors or re-compile the bundle")
-        else:
-            self.context.calibration["replayed"] = True
-        self.context.calibrated = record
-        self._precomputed = dict(record.qweights)
-        self._apply_float_updates(graph_module, record.float_updates)
-        result = super().call(graph_module)
-        for path, note in record.notes.items():
-            if path in self.context.layers:
-                self.annotate(self.context.layers[path], note)
-        return result
 
-    def calibration_facts(self) -> dict:
-        """Facts about the calibration run for report.json (not replayed with the record)."""
-        return {}
+def _device(wanted: str) -> torch.device:
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(wanted)
 
-    def layer_notes(self) -> dict[str, dict]:
-        """Per-layer facts the algorithm found, kept in the record and the report."""
-        return {}
 
-    def annotate(self, layer: dict, note: dict) -> None:
-        layer.update(note)
+def _calibrate(context, method: str, options, algorithm: BlockAlgorithm) -> CalibrationRecord:
+    model = context.model
+    if model is None:
+        raise QcompileError(f"{method} needs the source model to calibrate",
+                            "run it through `qcompile compile`")
+    data = options.calibration
+    samples = calibration_samples(data, context.tokenizer, model.config.vocab_size)
+    torch.manual_seed(data.seed)
+    result = run_block_calibration(model, samples, algorithm, data.batch_size, data.spill,
+                                   _device(options.device))
+    context.calibration.update({
+        "algorithm": method, "samples": data.samples, "seq_len": data.seq_len,
+        "data": data.data, "seconds": result.seconds,
+        "peak_activation_bytes": result.peak_activation_bytes,
+        **algorithm.facts(),
+    })
+    return CalibrationRecord(method, result.qweights, result.float_updates,
+                             algorithm.layer_notes())
 
-    def _calibrate(self) -> CalibrationRecord:
-        model = self.context.model
-        if model is None:
-            raise QcompileError(f"{self.name} needs the source model to calibrate",
-                                "run it through `qcompile compile`")
-        options = self.options.calibration
-        samples = calibration_samples(options, self.context.tokenizer,
-                                      model.config.vocab_size)
-        torch.manual_seed(options.seed)
-        result = run_block_calibration(model, samples, self.algorithm(), options.batch_size,
-                                       options.spill, self._device())
-        self.context.calibration.update({
-            "algorithm": self.name, "samples": options.samples, "seq_len": options.seq_len,
-            "data": options.data, "seconds": result.seconds,
-            "peak_activation_bytes": result.peak_activation_bytes,
-            **self.calibration_facts(),
-        })
-        return CalibrationRecord(self.name, result.qweights, result.float_updates,
-                                 self.layer_notes())
 
-    def _apply_float_updates(self, gm: torch.fx.GraphModule, updates: dict) -> None:
-        for name, value in updates.items():
-            target = f"{WRAPPER_ATTRIBUTE}.{name}"
-            current = get_tensor(gm, target)
-            if current.shape != value.shape:
-                raise RuntimeError(f"float update of {name}: shape {tuple(value.shape)} != "
-                                   f"{tuple(current.shape)}")
-            # a new tensor, not an in-place copy: the graph may share storage with the model
-            set_buffer(gm, target, value.to(current.dtype).clone())
+def _apply_float_updates(gm: torch.fx.GraphModule, updates: dict) -> None:
+    for name, value in updates.items():
+        target = f"{WRAPPER_ATTRIBUTE}.{name}"
+        current = get_tensor(gm, target)
+        if current.shape != value.shape:
+            raise RuntimeError(f"float update of {name}: shape {tuple(value.shape)} != "
+                               f"{tuple(current.shape)}")
+        # a new tensor, not an in-place copy: the graph may share storage with the model
+        set_buffer(gm, target, value.to(current.dtype).clone())
 
-    def quantize(self, weight: torch.Tensor, spec: WeightQuantSpec, path: str):
-        precomputed = getattr(self, "_precomputed", {}).get(path)
-        if precomputed is None:  # embedding, lm_head, linears outside the decoder blocks
+
+def _precomputed_or_rtn(method: str, qweights: dict):
+    """The ``quantize`` of the weight rewrite: the calibrated integer weight of a decoder-block
+    linear; round-to-nearest for the embedding, the lm_head and linears outside the blocks."""
+
+    def quantize(weight: torch.Tensor, spec: WeightQuantSpec, path: str):
+        precomputed = qweights.get(path)
+        if precomputed is None:
             return quantize_weight(weight, spec)
         if tuple(precomputed.codes.shape) != tuple(weight.shape):
-            raise RuntimeError(f"{self.name}: calibrated weight of {path} has shape "
-                               f"{tuple(precomputed.codes.shape)}, graph has {tuple(weight.shape)}")
+            raise RuntimeError(f"{method}: calibrated weight of {path} has shape "
+                               f"{tuple(precomputed.codes.shape)}, graph has "
+                               f"{tuple(weight.shape)}")
         return precomputed
+
+    return quantize

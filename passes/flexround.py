@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+from torch.fx.passes.infra.pass_base import PassResult
+
 from qcompile.algorithms.learned_rounding import LearnedRounding, LearnedRoundingOptions
-from qcompile.calibration.engine import BlockAlgorithm
 from qcompile.errors import QcompileError
-from qcompile.pass_infra import register_pass
+from qcompile.pass_infra import QPass, compose_options, register_pass
 
-from .calibrated import CalibratedOptions, CalibratedWeightPass
+from .calibrated import CalibrationFields, block_spec, quantize_calibrated
+from .weight_steps import WeightFields
 
-__all__ = ["LRQ", "FlexRound", "FlexRoundOptions", "LRQOptions"]
+__all__ = ["LRQ", "FlexRound", "FlexRoundOptions", "LRQOptions", "learned_rounding"]
 
 
 @dataclasses.dataclass(frozen=True)
-class FlexRoundOptions(CalibratedOptions):
+class TrainingFields:
     """Training knobs. The paper trains 5000 steps per block; the default here is CPU-sized:
     100 steps take about a minute per SmolLM2 block on one core, and already bring SmolLM2's
     w4 g128 perplexity from RTN's 14.19 to 11.56 (fp32 11.08; first 8 evaluation windows).
@@ -38,7 +41,6 @@ class FlexRoundOptions(CalibratedOptions):
     learn_grid: bool = True
 
     def validate(self, where: str) -> None:
-        super().validate(where)
         if self.iterations < 0:
             raise QcompileError(f"{where}.iterations must be >= 0",
                                 "0 keeps the RTN rounding; the paper trains 5000 steps")
@@ -50,41 +52,49 @@ class FlexRoundOptions(CalibratedOptions):
 
 
 @dataclasses.dataclass(frozen=True)
-class LRQOptions(FlexRoundOptions):
-    """FlexRound's knobs plus the rank of ``L @ U`` (0: ``min(N, K) // 4`` per linear)."""
+class RankField:
+    """The rank of LRQ's ``L @ U`` (0: ``min(N, K) // 4`` per linear)."""
 
     rank: int = 0
 
     def validate(self, where: str) -> None:
-        super().validate(where)
         if self.rank < 0:
             raise QcompileError(f"{where}.rank must be >= 0",
                                 "0 picks min(out, in) // 4 per linear")
 
 
-class _LearnedRoundingPass(CalibratedWeightPass):
-    method = "flexround"
+FlexRoundOptions = compose_options("FlexRoundOptions", WeightFields, CalibrationFields,
+                                   TrainingFields, doc=TrainingFields.__doc__)
+LRQOptions = compose_options("LRQOptions", WeightFields, CalibrationFields, TrainingFields,
+                             RankField, doc=RankField.__doc__)
 
-    def algorithm(self) -> BlockAlgorithm:
-        o = self.options
-        self._algorithm = LearnedRounding(self.block_spec, LearnedRoundingOptions(
-            method=self.method, iterations=o.iterations, lr=o.lr, batch=o.batch,
-            rank=getattr(o, "rank", 0), learn_grid=o.learn_grid, seed=o.calibration.seed))
-        return self._algorithm
 
-    def calibration_facts(self) -> dict:
-        return {"reconstruction_loss": {block: {"first": first, "last": last}
-                                        for block, (first, last) in self._algorithm.losses.items()}}
+def learned_rounding(gm: torch.fx.GraphModule, context, method: str, options) -> PassResult:
+    """``method`` ("flexround" or "lrq") trained block by block, then the weight rewrite."""
+    algorithm = LearnedRounding(block_spec(options), LearnedRoundingOptions(
+        method=method, iterations=options.iterations, lr=options.lr, batch=options.batch,
+        rank=getattr(options, "rank", 0), learn_grid=options.learn_grid,
+        seed=options.calibration.seed))
+    return quantize_calibrated(gm, context, method, options, algorithm)
 
 
 @register_pass
-class FlexRound(_LearnedRoundingPass):
+class FlexRound(QPass):
     name = "flexround"
+    quantizes = "weights"
     Options = FlexRoundOptions
+    ladder_stage = "fake-quant"
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        return learned_rounding(graph_module, self.context, self.name, self.options)
 
 
 @register_pass
-class LRQ(_LearnedRoundingPass):
+class LRQ(QPass):
     name = "lrq"
+    quantizes = "weights"
     Options = LRQOptions
-    method = "lrq"
+    ladder_stage = "fake-quant"
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        return learned_rounding(graph_module, self.context, self.name, self.options)

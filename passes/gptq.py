@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+from torch.fx.passes.infra.pass_base import PassResult
+
 from qcompile.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.errors import QcompileError
-from qcompile.pass_infra import register_pass
+from qcompile.pass_infra import QPass, compose_options, register_pass
 
-from .calibrated import CalibratedOptions, CalibratedWeightPass
+from .calibrated import CalibrationFields, block_spec, quantize_calibrated
+from .weight_steps import WeightFields
 
-__all__ = ["GPTQ", "GPTQBlocks", "GPTQOptions"]
+__all__ = ["GPTQ", "GPTQBlocks", "GPTQFields", "GPTQOptions"]
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQOptions(CalibratedOptions):
+class GPTQFields:
     """GPTQ's knobs, with the paper's defaults."""
 
     damp: float = 0.01
@@ -29,7 +33,6 @@ class GPTQOptions(CalibratedOptions):
     true_sequential: bool = True
 
     def validate(self, where: str) -> None:
-        super().validate(where)
         if not 0 < self.damp < 1:
             raise QcompileError(f"{where}.damp = {self.damp} is out of range",
                                 "use a small fraction of the mean Hessian diagonal, e.g. 0.01")
@@ -37,10 +40,14 @@ class GPTQOptions(CalibratedOptions):
             raise QcompileError(f"{where}.block_size must be >= 1", "the paper uses 128")
 
 
+GPTQOptions = compose_options("GPTQOptions", WeightFields, CalibrationFields, GPTQFields,
+                              doc="The weight fields, calibration and GPTQ's knobs.")
+
+
 class GPTQBlocks(BlockAlgorithm):
     label = "GPTQ"
 
-    def __init__(self, spec_for, options: GPTQOptions):
+    def __init__(self, spec_for, options):
         self.spec_for, self.options = spec_for, options
 
     def _groups(self, job: BlockJob) -> list[list[str]]:
@@ -61,12 +68,9 @@ class GPTQBlocks(BlockAlgorithm):
         linears = job.linears()
         for name in group:
             job.progress(f"quantizing {name.rsplit('.', 1)[-1]}")
-            linear = linears[name]
-            qweight = gptq_quantize(linear.weight, hessian.hessian,
-                                    self.spec_for(job.path(name)), self.options.damp,
-                                    self.options.block_size, self.options.act_order)
-            linear.weight.data = qweight.dequantize().to(linear.weight.device)
-            job.qweights[job.path(name)] = qweight
+            job.store(name, gptq_quantize(linears[name].weight, hessian.hessian,
+                                          self.spec_for(job.path(name)), self.options.damp,
+                                          self.options.block_size, self.options.act_order))
 
     def process(self, job: BlockJob) -> None:
         groups = self._groups(job)
@@ -80,9 +84,13 @@ class GPTQBlocks(BlockAlgorithm):
 
 
 @register_pass
-class GPTQ(CalibratedWeightPass):
+class GPTQ(QPass):
     name = "gptq"
+    quantizes = "weights"
     Options = GPTQOptions
+    ladder_stage = "fake-quant"
 
-    def algorithm(self) -> BlockAlgorithm:
-        return GPTQBlocks(self.block_spec, self.options)
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        algorithm = GPTQBlocks(block_spec(self.options), self.options)
+        return quantize_calibrated(graph_module, self.context, self.name, self.options,
+                                   algorithm)

@@ -29,7 +29,7 @@ from qcompile import ops  # noqa: F401  (registers the qcompile:: ops this pass 
 from qcompile.fx_utils import drop_unused_tensors, module_path, set_buffer
 from qcompile.pass_infra import QPass, register_pass
 from qcompile.weight_format import QuantizedWeight, pack_codes, pack_per_ic, pack_zero_points
-from qcompile.passes.quantize_weights_rtn import QWEIGHT_META
+from qcompile.passes.weight_steps import QWEIGHT_META
 
 __all__ = ["PackWeights"]
 

@@ -42,12 +42,12 @@ def estimate_bundle_bytes(source: str | None, recipe) -> int | None:
 def matrix_bits(recipe) -> float:
     """Bits per matrix element the bundle stores at least: the body's container width (3-bit
     codes take 4) plus one float32 scale per group; 32 without weight quantization."""
-    options = recipe.weight_options()
-    if options is None:
+    formats = recipe.weight_formats()
+    if not formats:
         return 32.0
     from qcompile.formats.integer import container_bits
 
-    spec = options.body_spec()
+    spec = formats["linear"]
     return container_bits(spec.bits) + (32 / spec.group_size if spec.group_size > 0 else 0)
 
 

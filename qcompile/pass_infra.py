@@ -14,6 +14,7 @@ name and the passes that ran before it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any, ClassVar
@@ -29,6 +30,7 @@ __all__ = [
     "PASS_REGISTRY",
     "register_pass",
     "build_options",
+    "compose_options",
     "run_passes",
 ]
 
@@ -97,8 +99,41 @@ def register_pass(cls: type[QPass]) -> type[QPass]:
     return cls
 
 
+def compose_options(name: str, *groups: type, doc: str = "") -> type:
+    """A frozen options dataclass ``name`` holding the fields of ``groups`` in order.
+
+    Recipes write a pass's options flat (``bits``, ``calibration``, ``damp`` side by side), and
+    methods share field groups (every weight pass the weight fields, every calibrated one the
+    calibration fields, both AdaDim variants AdaDim's), so a pass's options are composed from
+    the groups it uses rather than inherited from another pass's: ``validate`` runs each
+    group's own ``validate`` on the composed object, in order, and nothing depends on an MRO.
+    """
+    fields = []
+    for group in groups:
+        hints = typing.get_type_hints(group)
+        for field in dataclasses.fields(group):
+            default = (dataclasses.field(default_factory=field.default_factory)
+                       if field.default is dataclasses.MISSING
+                       else dataclasses.field(default=field.default))
+            fields.append((field.name, hints[field.name], default))
+
+    def validate(self, where: str) -> None:
+        for group in groups:
+            check = getattr(group, "validate", None)
+            if check is not None:
+                check(self, where)
+
+    caller = sys._getframe(1).f_globals.get("__name__", __name__)
+    cls = dataclasses.make_dataclass(name, fields, frozen=True,
+                                     namespace={"validate": validate, "__doc__": doc or name,
+                                                "groups": groups})
+    cls.__module__ = caller  # so it pickles and documents as the module that names it
+    return cls
+
+
 def _check_type(value, annotation, where: str):
-    """Accept ``value`` for a field annotated ``int``/``float``/``bool``/``str``/dataclass."""
+    """Accept ``value`` for a field annotated ``int``/``float``/``bool``/``str``/``tuple``/
+    dataclass (a list for a ``tuple`` field becomes a tuple: YAML has no tuples)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -108,6 +143,8 @@ def _check_type(value, annotation, where: str):
         if not isinstance(value, dict):
             raise QcompileError(f"{where} must be a mapping", "write it as key: value pairs")
         return build_options(annotation, value, where)
+    if annotation is tuple and isinstance(value, list):
+        return tuple(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool) and (

@@ -26,6 +26,7 @@ import yaml
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import PassContext, QPass, build_options
 from qcompile.passes import get_pass
+from qcompile.passes.weight_steps import role_specs
 from qcompile.targets import TARGETS
 
 __all__ = [
@@ -64,6 +65,12 @@ class Recipe:
             if get_pass(step.name).quantizes == "weights":
                 return step.options
         return None
+
+    def weight_formats(self) -> dict:
+        """``{role: WeightQuantSpec or None}`` of the weight step ("linear", "embedding",
+        "lm_head"); empty without weight quantization."""
+        options = self.weight_options()
+        return {} if options is None else role_specs(options)
 
     def kv_cache_options(self):
         """Options of the KV-cache quantization step, if any (for capability checks)."""

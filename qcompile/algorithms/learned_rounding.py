@@ -232,9 +232,11 @@ class LearnedRounding(BlockAlgorithm):
         if losses is not None:
             self.losses[job.prefix] = losses
         for name, module in weights.items():
-            qweight = module.export()
-            linears[name].weight.data = qweight.dequantize().to(linears[name].weight.device)
-            job.qweights[job.path(name)] = qweight
+            job.store(name, module.export())
+
+    def facts(self) -> dict:
+        return {"reconstruction_loss": {block: {"first": first, "last": last}
+                                        for block, (first, last) in self.losses.items()}}
 
     def learning_rate(self, weights: dict[str, LearnedRoundingWeight]) -> float:
         if self.options.lr is not None:

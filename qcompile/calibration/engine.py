@@ -126,6 +126,13 @@ class BlockJob:
     def path(self, relative: str) -> str:
         return f"{self.prefix}.{relative}"
 
+    def store(self, name: str, qweight) -> None:
+        """Keep ``qweight`` as linear ``name``'s result, and put its dequantized weight in the
+        block so that the linears quantized after it see its error."""
+        linear = self.linears()[name]
+        linear.weight.data = qweight.dequantize().to(linear.weight.device)
+        self.qweights[self.path(name)] = qweight
+
     @torch.no_grad()
     def forward(self, batch: int, block: torch.nn.Module | None = None) -> torch.Tensor:
         block = block or self.block
@@ -190,7 +197,8 @@ class BlockJob:
 
 
 class BlockAlgorithm:
-    """What a calibrated pass plugs into the engine."""
+    """What a calibrated pass plugs into the engine: one object per calibration run, which
+    may keep what it found along the way for :meth:`layer_notes` and :meth:`facts`."""
 
     #: shown in progress output
     label: str = "calibrating"
@@ -199,6 +207,14 @@ class BlockAlgorithm:
 
     def process(self, job: BlockJob) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def layer_notes(self) -> dict[str, dict]:
+        """Per-layer facts (by module path) for the record and report.json's layers."""
+        return {}
+
+    def facts(self) -> dict:
+        """Facts about the whole run for report.json's calibration section."""
+        return {}
 
 
 @dataclasses.dataclass

@@ -62,17 +62,18 @@ class Target:
                 f"target {self.name} is standard ONNX; recipe {recipe.name} quantizes the KV "
                 "cache inside ONNX Runtime's GroupQueryAttention",
                 "use --target ort, or +kv8 / +kv4 (explicit cache quantization)")
-        options = recipe.weight_options()
-        if options is None:
+        formats = recipe.weight_formats()
+        if not formats:
             return
-        if options.bits not in self.linear_bits:
+        body = formats["linear"]
+        if body.bits not in self.linear_bits:
             raise QcompileError(
-                f"target {self.name} cannot export {options.bits}-bit linear weights "
+                f"target {self.name} cannot export {body.bits}-bit linear weights "
                 f"(recipe {recipe.name})",
                 f"{self.name} supports {_bits(self.linear_bits)}-bit; {self.bits_hint}",
             )
         for role, allowed in (("lm_head", self.linear_bits), ("embedding", self.embedding_bits)):
-            spec = getattr(options, role)
+            spec = formats[role]
             if spec is not None and spec.bits not in allowed:
                 raise QcompileError(
                     f"target {self.name} cannot export a {spec.bits}-bit {role} "
