@@ -64,3 +64,26 @@ def test_quantized_graph_is_close_to_float_and_8bit_closer_than_3bit(loaded):
             logits, _ = gm(**inputs, past_key_values=empty_past(gm, 1))
             errors[bits] = (logits - reference).pow(2).mean().item()
     assert 0 < errors[8] < errors[3] / 10
+
+
+def test_no_pass_inherits_another_and_none_keeps_state_between_calls(loaded):
+    """Passes share functions, not base classes, and a pass object holds only its options and
+    context: running it (calibrating included) adds nothing to it, so a second call on another
+    graph cannot see the first."""
+    from qcompile.passes import PASS_REGISTRY
+
+    registered = set(PASS_REGISTRY.values())
+    for cls in registered:
+        assert not registered & set(cls.__mro__[1:]), f"{cls.name} inherits another pass"
+    calibration = {"data": "random", "samples": 2, "seq_len": 16, "batch_size": 2}
+    for name in ("quantize_weights_rtn", "gptq", "adadim_rtn", "awq"):
+        options = {"bits": 4, "group_size": 32}
+        if name != "quantize_weights_rtn":
+            options["calibration"] = calibration
+        step = recipe_from_dict({"passes": [{name: options}]}, "t", "test").steps[0]
+        context = PassContext(loaded.model_type, loaded.config, model=loaded.model)
+        qpass = PASS_REGISTRY[name](step.options, context)
+        before = dict(vars(qpass))
+        qpass(unlift(capture(loaded.model, decoder_signature(loaded.model))))
+        assert set(vars(qpass)) == set(before), f"{name} kept {set(vars(qpass)) - set(before)}"
+        assert context.layers["model.layers.1.mlp.up_proj"]["format"].startswith("int4 g32")
