@@ -7,15 +7,15 @@ estimate, so a full disk is found before a long compile, not after it. Only head
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
 import struct
 
+from qcompile.errors import QcompileError
+
 __all__ = ["estimate_bundle_bytes", "matrix_bits"]
 
-_MAX_HEADER = 100_000_000  # safetensors' own limit on a header's JSON
 #: GGUF metadata value types: bytes of each scalar type, and the string and array types
 _GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
@@ -65,7 +65,7 @@ def _source_elements(source: str | None) -> tuple[int, int] | None:
         if not shards:
             return sum(p.stat().st_size for p in path.glob("*.bin")) // 4, 0
         counts = [_safetensors_elements(shard) for shard in shards]
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+    except (OSError, ValueError, KeyError, TypeError, struct.error, QcompileError):
         return None
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
@@ -89,13 +89,10 @@ def _split_elements(shapes) -> tuple[int, int]:
 
 
 def _safetensors_elements(path: pathlib.Path) -> tuple[int, int]:
-    """Element counts from a safetensors header: 8 bytes of length, then JSON shapes."""
-    with open(path, "rb") as file:
-        length = int.from_bytes(file.read(8), "little")
-        if length > _MAX_HEADER:
-            raise ValueError(f"{path}: header of {length} bytes")
-        header = json.loads(file.read(length))
-    return _split_elements(t["shape"] for name, t in header.items() if name != "__metadata__")
+    """Element counts from a safetensors header."""
+    from qcompile.checkpoint import read_header
+
+    return _split_elements(t["shape"] for t in read_header(path).values())
 
 
 def _gguf_elements(path: pathlib.Path) -> tuple[int, int]:

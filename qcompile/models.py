@@ -26,6 +26,7 @@ import tempfile
 
 import torch
 
+from qcompile.checkpoint import check_checkpoint
 from qcompile.errors import QcompileError
 from qcompile.hf_adapter import gguf_model_type
 
@@ -322,7 +323,9 @@ def load_model(source: str | None = None) -> LoadedModel:
         model_type = _check_architecture(_gguf_config(path), str(path))
         location, gguf_file = str(gguf_as_directory(path)), None
     elif kind == "directory":
-        model_type = _check_architecture(_directory_config(path), str(path))
+        config = _directory_config(path)
+        model_type = _check_architecture(config, str(path))
+        check_checkpoint(path, config)
         location, gguf_file = str(path), None
     else:
         model_type = _check_architecture(_hub_config(source), source)
