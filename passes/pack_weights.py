@@ -27,6 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile import ops  # noqa: F401  (registers the qcompile:: ops this pass emits)
 from qcompile.fx_utils import drop_unused_tensors, module_path, set_buffer
+from qcompile.lazy_weights import derive, materialize
 from qcompile.pass_infra import QPass, register_pass
 from qcompile.weight_format import QuantizedWeight, pack_codes, pack_per_ic, pack_zero_points
 from qcompile.passes.weight_steps import QWEIGHT_META
@@ -46,6 +47,7 @@ def _packed_tensors(qweight: QuantizedWeight, flat_rows: bool):
 
 
 def _same_weight(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    a, b = materialize(a), materialize(b)  # a streamed compile compares the real codes
     same_zeros = (a.zeros is None and b.zeros is None) or (
         a.zeros is not None and b.zeros is not None and torch.equal(a.zeros, b.zeros))
     return ((a.bits, a.group_size, a.axis) == (b.bits, b.group_size, b.axis)
@@ -71,6 +73,7 @@ class PackWeights(QPass):
     name = "pack_weights"
     ladder_stage = "lowered"
     ladder_check = "exact"  # the packed ops compute the fake-quant weights exactly
+    streams = True
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         quantized = [(n, n.meta[QWEIGHT_META]) for n in graph_module.graph.nodes
@@ -141,7 +144,7 @@ class PackWeights(QPass):
             raise ValueError(f"{path}: per-IC groups are for linear weights, not embeddings")
         if shared_with is None:
             packed, scales, zeros = self._attrs(
-                gm, node, path, _packed_tensors(qweight, flat_rows=is_embedding))
+                gm, node, path, derive(_packed_tensors, qweight, flat_rows=is_embedding))
         else:
             packed, scales, zeros = self._shared_attrs(gm, node, shared_with, qweight)
         n, k = qweight.codes.shape

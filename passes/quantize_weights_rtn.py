@@ -30,6 +30,7 @@ class QuantizeWeightsRTN(QPass):
     quantizes = "weights"
     Options = RTNOptions
     ladder_stage = "fake-quant"
+    streams = True
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         fake_quantize_weights(graph_module, self.context, self.options, rtn)

@@ -23,6 +23,8 @@ import torch
 
 from qcompile.errors import QcompileError
 from qcompile.fx_utils import call_nodes, get_tensor, module_path, set_buffer
+from qcompile.lazy_weights import derive
+from qcompile.weight_format import QuantizedWeight
 from qcompile.weight_quantizer import WeightQuantSpec
 
 __all__ = ["QWEIGHT_META", "WeightFields", "body_spec", "role_specs", "weight_spec",
@@ -125,9 +127,9 @@ def _fake_quantize(gm, node, path: str, role: str, spec: WeightQuantSpec, quanti
             f"{weight.shape[1]} of {path}",
             "pick an embedding group_size that divides it, or 0 for per-row",
         )
-    qweight = quantize(weight, spec, path)
+    qweight = derive(quantize, weight, spec, path)
     target = f"{path}.weight_fake_quant"
-    set_buffer(gm, target, qweight.dequantize())
+    set_buffer(gm, target, derive(QuantizedWeight.dequantize, qweight))
     with gm.graph.inserting_before(node):
         fake = gm.graph.get_attr(target)
     node.replace_input_with(weight_node, fake)

@@ -16,6 +16,7 @@ from rich.table import Table
 from qcompile.console import console
 from qcompile.errors import QcompileError
 from qcompile.recipes import DEFAULT_RECIPES
+from qcompile.streaming import STREAM_MODES
 from qcompile.targets import target_names
 
 __all__ = ["main", "cli"]
@@ -44,13 +45,17 @@ def cli() -> None:
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
               help="MatMulNBits compute type: 0 float32 (matches the torch reference), 4 int8 "
               "activations (faster) [default: the recipe's, else 0]")
-def compile(source, recipe, target, output, force, accuracy_level) -> None:
+@click.option("--stream", type=click.Choice(STREAM_MODES), default="auto",
+              show_default=True, help="read weights from the checkpoint one at a time as the "
+              "bundle is written (auto: where the recipe and target allow) instead of loading "
+              "the whole model")
+def compile(source, recipe, target, output, force, accuracy_level, stream) -> None:
     """Compile SOURCE (hub id, HF directory or .gguf; default: SmolLM2-135M) to a bundle."""
     from qcompile.compiler import compile_bundle
 
     recipe = recipe or DEFAULT_RECIPES[target]
     output = output or _default_output(source, recipe, target)
-    report = compile_bundle(source, recipe, target, output, force, accuracy_level)
+    report = compile_bundle(source, recipe, target, output, force, accuracy_level, stream)
     _print_compile_summary(report, output)
 
 

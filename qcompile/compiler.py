@@ -8,6 +8,7 @@ model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import pathlib
@@ -25,11 +26,14 @@ from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step
 from qcompile.errors import QcompileError
 from qcompile.genai_config import write_genai_config
+from qcompile.lazy_weights import LazyWeights
 from qcompile.lowering.export_onnx import export_onnx
 from qcompile.targets import Target, get_target
 from qcompile.models import LoadedModel, load_model
 from qcompile.pass_infra import PassContext, run_passes
 from qcompile.recipes import Recipe, load_recipe
+from qcompile.skeleton import load_skeleton
+from qcompile.streaming import StreamPlan, plan_stream
 
 __all__ = ["Stages", "attention_lowering", "build_stages", "compile_bundle",
            "group_query_attention_of_report", "prepare_request"]
@@ -166,16 +170,35 @@ def compile_bundle(
     out_dir: pathlib.Path,
     force: bool = False,
     accuracy_level: int | None = None,
+    stream: str = "auto",
 ) -> dict:
     """Compile ``source`` with ``recipe`` for ``target`` into the bundle ``out_dir``;
-    ``accuracy_level`` None takes the recipe's (0 where it names none)."""
+    ``accuracy_level`` None takes the recipe's (0 where it names none). ``stream``
+    (:mod:`qcompile.streaming`) says whether weights are streamed from the checkpoint."""
     start = time.perf_counter()
     recipe, target = prepare_request(recipe_name, target_name)
     check_output_path(out_dir, force, estimate_bundle_bytes(source, recipe))
+    plan = plan_stream(source, recipe, target, stream)
+    weights = LazyWeights() if plan.streamed else None
+    with weights.activated() if weights else contextlib.nullcontext():
+        return _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weights,
+                        start)
+
+
+def _load(source, plan: StreamPlan, weights: LazyWeights | None, timings: dict) -> LoadedModel:
+    what = source or "the default model (SmolLM2-135M-Instruct)"
+    if weights is None:
+        with step(f"loading {what}", timings, "load_s"):
+            return load_model(source)
+    with step(f"reading the structure of {what} (weights stream from the checkpoint)",
+              timings, "load_s"):
+        return load_skeleton(plan.directory, weights, plan.name, plan.kind)
+
+
+def _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weights,
+             start) -> dict:
     timings: dict[str, float] = {}
-    with step(f"loading {source or 'the default model (SmolLM2-135M-Instruct)'}", timings,
-              "load_s"):
-        loaded = load_model(source)
+    loaded = _load(source, plan, weights, timings)
     attention = attention_lowering(loaded.model, recipe, target)
     if "kv_cache" in attention:  # the recipe's GQA cache fell back to a float cache
         recipe = recipe.without_kv_cache()
@@ -188,7 +211,7 @@ def compile_bundle(
     with atomic_directory(out_dir, force) as tmp:
         with step(f"lowering to ONNX for target {target.name}", timings, "lower_s"):
             graph = export_onnx(stages.program, target, tmp, accuracy_level,
-                                stages.context.signature)
+                                stages.context.signature, weights)
         package = None
         if target.package:
             with step(f"packaging for target {target.name}", timings, "package_s"):
@@ -205,6 +228,7 @@ def compile_bundle(
         timings["compile_s"] = round(time.perf_counter() - start, 3)
         report = _report(loaded, recipe, target, stages, accuracy_level, timings, tmp)
         report["graph"] = {"attention": attention, **graph}
+        report["stream"] = plan.to_dict()
         if package is not None:
             report["package"] = package
         write_report(tmp, report)

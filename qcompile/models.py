@@ -39,6 +39,9 @@ __all__ = [
     "load_model",
     "gguf_as_directory",
     "default_model_path",
+    "checked_directory_config",
+    "local_directory",
+    "load_tokenizer",
 ]
 
 #: dense decoder-only model types (``config.model_type``) that compile and pass ``verify``
@@ -250,7 +253,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
                     "spiece.model", "vocab.txt")
 
 
-def _load_tokenizer(location: str, gguf_file: str | None):
+def load_tokenizer(location: str, gguf_file: str | None):
     """The source's tokenizer, or None where it has none. A directory without tokenizer files
     gets None: transformers 5 otherwise builds an empty tokenizer of the model's class (Qwen2,
     GPT-2, Gemma, OLMo, ...), on whose zero tokens calibration and verify would run."""
@@ -300,7 +303,7 @@ def gguf_as_directory(path: pathlib.Path) -> pathlib.Path:
     if (cached / "config.json").is_file():
         return cached
     model = _from_pretrained(str(path.parent), "gguf", path.name)
-    tokenizer = _load_tokenizer(str(path.parent), path.name)
+    tokenizer = load_tokenizer(str(path.parent), path.name)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".convert-", dir=cached.parent))
     _forget_gguf_origin(model)
@@ -316,6 +319,23 @@ def gguf_as_directory(path: pathlib.Path) -> pathlib.Path:
     return cached
 
 
+def checked_directory_config(path: pathlib.Path) -> tuple[dict, str]:
+    """``(config.json, model type)`` of a model directory, after the architecture checks."""
+    config = _directory_config(path)
+    return config, _check_architecture(config, str(path))
+
+
+def local_directory(source: str | None) -> tuple[str, pathlib.Path | None, str]:
+    """``(kind, Hugging Face directory, name)`` of ``source``: a GGUF file is converted once
+    (cached); a hub id has no local directory (None)."""
+    kind, path = _resolve(source)
+    name = os.fspath(path) if path else source
+    if kind == "gguf":
+        _check_architecture(_gguf_config(path), str(path))
+        return kind, gguf_as_directory(path), name
+    return kind, (path if kind == "directory" else None), name
+
+
 def load_model(source: str | None = None) -> LoadedModel:
     """Load ``source`` (None: the default SmolLM2) as a float32 eval-mode causal LM."""
     kind, path = _resolve(source)
@@ -323,8 +343,7 @@ def load_model(source: str | None = None) -> LoadedModel:
         model_type = _check_architecture(_gguf_config(path), str(path))
         location, gguf_file = str(gguf_as_directory(path)), None
     elif kind == "directory":
-        config = _directory_config(path)
-        model_type = _check_architecture(config, str(path))
+        config, model_type = checked_directory_config(path)
         check_checkpoint(path, config)
         location, gguf_file = str(path), None
     else:
@@ -332,6 +351,6 @@ def load_model(source: str | None = None) -> LoadedModel:
         location, gguf_file = source, None
     model = _from_pretrained(location, kind, gguf_file).eval()
     _check_architecture(model.config.to_dict(), location)
-    tokenizer = _load_tokenizer(location, gguf_file)
+    tokenizer = load_tokenizer(location, gguf_file)
     name = str(path) if path else source
     return LoadedModel(model, tokenizer, os.fspath(name), kind, model_type)

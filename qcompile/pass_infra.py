@@ -75,6 +75,9 @@ class QPass(PassBase):
     ladder_check: ClassVar[str] = "quality"
     #: what the pass quantizes ("weights", "kv_cache"), for the targets' capability checks
     quantizes: ClassVar[str | None] = None
+    #: runs on a skeleton model (fake matrices) in a streamed compile: every tensor it
+    #: computes from weights goes through :func:`qcompile.lazy_weights.derive`
+    streams: ClassVar[bool] = False
 
     def __init__(self, options=None, context: PassContext | None = None):
         super().__init__()

@@ -58,6 +58,8 @@ class CompileReport(TypedDict, total=False):
     layers: dict
     calibration: dict
     sizes: SizesSection
+    #: {"streamed": bool, "reason": why not} (qcompile.streaming)
+    stream: dict
     timings: dict
     resources: dict
     graph: dict

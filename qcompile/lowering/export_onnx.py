@@ -20,6 +20,8 @@ import torch
 
 from qcompile.bundle.files import DATA_FILE, MODEL_FILE
 from qcompile.capture import ExportSignature
+from qcompile.console import progress_bar
+from qcompile.lazy_weights import LazyWeights
 from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
 from qcompile.lowering.pack_matmul_nbits import pack_sibling_matmuls
 from qcompile.lowering.shared_table import share_tied_tables
@@ -31,7 +33,11 @@ OPSET = 21
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
-def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int) -> ir.Model:
+def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int,
+             weights: LazyWeights | None) -> ir.Model:
+    """torch.onnx's export and then its optimizer (what ``optimize=True`` does), with the fake
+    weights of a streamed compile turned into lazy tensors in between: the optimizer's
+    constant folding and deduplication read the small ones."""
     quiet = io.StringIO()
     # torch.onnx logs a warning per missing torchvision op and pytree deprecation notices;
     # none concern LLM export, and they bury qcompile's own progress lines
@@ -45,9 +51,12 @@ def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int
             custom_translation_table=target.translation_table(accuracy_level),
             input_names=list(signature.input_names),
             output_names=list(signature.output_names),
-            optimize=True,
+            optimize=False,
             verbose=False,
         )
+        if weights is not None:
+            weights.to_lazy_tensors(program.model)
+        program.optimize()
     return program.model
 
 
@@ -95,16 +104,52 @@ def _cleanup(model: ir.Model) -> ir.Model:
     return model
 
 
+def sort_initializers(model: ir.Model) -> None:
+    """Order the initializers by name, so the external data file is laid out by module (a
+    linear's packed codes, scales and zero points side by side) and a streamed compile
+    computes each weight's siblings together."""
+    ordered = sorted(model.graph.initializers.items())
+    model.graph.initializers.clear()
+    for _, value in ordered:
+        model.graph.register_initializer(value)
+
+
+def _save(model: ir.Model, path: pathlib.Path, weights: LazyWeights | None) -> None:
+    if weights is None:
+        ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+        return
+    lazy = [v for v in model.graph.initializers.values()
+            if isinstance(v.const_value, ir.LazyTensor)]
+    bar, task = progress_bar("reading, quantizing and writing weights", len(lazy))
+    with bar:
+        for value in lazy:
+            value.const_value = _advancing(value.const_value, lambda: bar.advance(task))
+        ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+
+
+def _advancing(tensor: ir.LazyTensor, advance) -> ir.LazyTensor:
+    make = tensor.raw  # a LazyTensor's raw value is its function
+
+    def produce():
+        value = make()
+        advance()
+        return value
+
+    return ir.LazyTensor(produce, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
+
+
 def export_onnx(
     ep: torch.export.ExportedProgram,
     target: Target,
     out_dir: pathlib.Path,
     accuracy_level: int,
     signature: ExportSignature,
+    weights: LazyWeights | None = None,
 ) -> dict:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``); return what the report records:
-    the fusions that applied and the op counts of the written graph."""
-    model = _to_onnx(ep, target, signature, accuracy_level)
+    the fusions that applied and the op counts of the written graph. ``weights`` (a streamed
+    compile) makes each fake weight real as it is written."""
+    model = _to_onnx(ep, target, signature, accuracy_level, weights)
     name_symbolic_dims(model, signature.onnx_dim_names())
     model = target.rewrite(model)
     fusions: dict[str, int] = {}
@@ -120,6 +165,6 @@ def export_onnx(
     model = _cleanup(share_tied_tables(model))  # last: constant folding would copy it again
     drop_stack_traces(model)
     model.producer_name = "qcompile"
-    path = out_dir / MODEL_FILE
-    ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+    sort_initializers(model)
+    _save(model, out_dir / MODEL_FILE, weights)
     return {"fusions": fusions, "ops": op_counts(model)}

@@ -63,8 +63,16 @@ def _packed_stem(nodes: list[ir.Node]) -> str:
 
 
 def _concat(values: list[ir.Value], name: str) -> ir.Value:
-    array = np.concatenate([v.const_value.numpy() for v in values], axis=0)
-    return ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    """The members' tensors stacked along N, computed when written (a streamed compile's
+    members are lazy: reading them here would hold every packed weight at once)."""
+    tensors = [v.const_value for v in values]
+    shape = ir.Shape([sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]])
+
+    def stacked() -> ir.Tensor:
+        return ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=0), name=name)
+
+    lazy = ir.LazyTensor(stacked, dtype=tensors[0].dtype, shape=shape, name=name)
+    return ir.Value(name=name, const_value=lazy)
 
 
 def _packed_node(nodes: list[ir.Node], graph: ir.Graph) -> ir.Node:

@@ -1,0 +1,186 @@
+"""Weights that exist only as shapes until the bundle is written: the streamed compile.
+
+A streamed compile captures, quantizes and exports a *skeleton* model whose matrices are
+``FakeTensor``s (shape and dtype, no data; :mod:`qcompile.skeleton`), so the graph work costs
+kilobytes whatever the model's size. Every fake tensor knows how to become real:
+
+* a checkpoint matrix reads its one tensor from the safetensors file (:meth:`LazyWeights.add`);
+* a tensor a pass computes from fake inputs (RTN's codes and scales, ``pack_weights``' packed
+  bytes) is recorded by :func:`derive` with the function and arguments that made it, and is
+  recomputed from the real inputs when asked.
+
+:meth:`LazyWeights.to_lazy_tensors` turns the exported ONNX model's fake initializers into
+``onnx_ir.LazyTensor``s, so ``ir.save`` reads, quantizes, packs and writes one weight at a time,
+appending to the external data file and freeing it: the full-precision model is never resident.
+Results are cached per call for as long as the few siblings written next to each other need
+them (``qweight``, ``scales``, ``zero_points`` of one linear; the bundle writes initializers
+sorted by name, so siblings are adjacent).
+
+Outside a streamed compile nothing here is active: :func:`derive` calls the function, and
+:func:`materialize` returns its argument.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import dataclasses
+import itertools
+from typing import Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+__all__ = ["LazyWeights", "active", "derive", "is_fake", "materialize"]
+
+_ACTIVE: contextvars.ContextVar["LazyWeights | None"] = contextvars.ContextVar(
+    "qcompile_lazy_weights", default=None)
+#: calls whose results stay cached (a linear's quantize and pack, the q/k/v of a fused pack)
+_CACHED_CALLS = 8
+
+
+def is_fake(value) -> bool:
+    return isinstance(value, FakeTensor)
+
+
+def active() -> "LazyWeights | None":
+    """The registry of the streamed compile in progress (None: a whole-model compile)."""
+    return _ACTIVE.get()
+
+
+def derive(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``; inside a streamed compile, when an argument holds fake tensors,
+    the fake results are recorded so each can be recomputed from the real arguments later."""
+    registry = active()
+    result = fn(*args, **kwargs)
+    if registry is not None and _has_fake((args, kwargs)):
+        registry.record(fn, args, kwargs, result)
+    return result
+
+
+def materialize(value):
+    """``value`` with every fake tensor in it made real (only inside a streamed compile)."""
+    registry = active()
+    return value if registry is None else registry.realize(value)
+
+
+def _leaves(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [leaf for f in dataclasses.fields(value)
+                for leaf in _leaves(getattr(value, f.name))]
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    return []
+
+
+def _has_fake(value) -> bool:
+    return any(is_fake(leaf) for leaf in _leaves(value))
+
+
+class LazyWeights:
+    """Fake tensors of one streamed compile and how to make each real."""
+
+    def __init__(self):
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self._producers: dict[int, Callable[[], torch.Tensor]] = {}
+        self._keep: list = []  # the fake tensors, so their ids stay theirs
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._calls = itertools.count()
+
+    @contextlib.contextmanager
+    def activated(self):
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    def fake(self, shape, dtype=torch.float32) -> torch.Tensor:
+        with self.mode:
+            return torch.empty(tuple(shape), dtype=dtype)
+
+    def add(self, fake: torch.Tensor, producer: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Register ``producer`` as the way to make ``fake`` real."""
+        self._producers[id(fake)] = producer
+        self._keep.append(fake)
+        return fake
+
+    def record(self, fn: Callable, args: tuple, kwargs: dict, result) -> None:
+        """Register every fake tensor of ``result`` as a leaf of ``fn`` on the real arguments."""
+        call = next(self._calls)
+        for index, leaf in enumerate(_leaves(result)):
+            if is_fake(leaf) and id(leaf) not in self._producers:
+                self.add(leaf, lambda c=call, i=index: self._call(c, fn, args, kwargs)[i])
+
+    def _call(self, call: int, fn: Callable, args: tuple, kwargs: dict) -> list:
+        if call in self._cache:
+            self._cache.move_to_end(call)
+            return self._cache[call]
+        leaves = _leaves(fn(*self.realize(args), **self.realize(kwargs)))
+        self._cache[call] = leaves
+        while len(self._cache) > _CACHED_CALLS:
+            self._cache.popitem(last=False)
+        return leaves
+
+    def real(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The real value of ``tensor`` (itself when it is not fake)."""
+        if not is_fake(tensor):
+            return tensor
+        producer = self._producers.get(id(tensor))
+        if producer is None:
+            raise RuntimeError(f"a fake tensor of shape {tuple(tensor.shape)} has no producer: "
+                               "a pass computed it without qcompile.lazy_weights.derive")
+        value = producer()
+        if tuple(value.shape) != tuple(tensor.shape) or value.dtype != tensor.dtype:
+            raise RuntimeError(f"a producer made {tuple(value.shape)} {value.dtype} for a "
+                               f"{tuple(tensor.shape)} {tensor.dtype} fake tensor")
+        return value
+
+    def realize(self, value):
+        """``value`` (a tensor, a dataclass of tensors, a tuple / list / dict) made real."""
+        if isinstance(value, torch.Tensor):
+            return self.real(value)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.replace(value, **{f.name: self.realize(getattr(value, f.name))
+                                                 for f in dataclasses.fields(value)
+                                                 if f.init})
+        if isinstance(value, tuple):
+            return tuple(self.realize(v) for v in value)
+        if isinstance(value, list):
+            return [self.realize(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.realize(v) for k, v in value.items()}
+        return value
+
+    def to_lazy_tensors(self, model, on_write: Callable[[str, int], None] | None = None) -> int:
+        """Replace each fake initializer of the onnx-ir ``model`` by a ``LazyTensor`` that makes
+        it real when it is written; returns how many were replaced. ``on_write(name, bytes)``
+        is called as each one is produced (progress)."""
+        import onnx_ir as ir
+
+        replaced = 0
+        for value in model.graph.initializers.values():
+            raw = getattr(value.const_value, "raw", None)
+            if not is_fake(raw):
+                continue
+            value.const_value = ir.LazyTensor(
+                self._numpy_producer(raw, value.name, on_write), dtype=value.const_value.dtype,
+                shape=value.const_value.shape, name=value.name)
+            replaced += 1
+        return replaced
+
+    def _numpy_producer(self, fake: torch.Tensor, name: str, on_write):
+        from onnx_ir.tensor_adapters import TorchTensor
+
+        def produce():
+            tensor = TorchTensor(self.real(fake).contiguous(), name=name)
+            if on_write is not None:
+                on_write(name, tensor.nbytes)
+            return tensor
+
+        return produce
