@@ -92,7 +92,7 @@ def _safetensors_elements(path: pathlib.Path) -> tuple[int, int]:
     """Element counts from a safetensors header."""
     from qcompile.checkpoint import read_header
 
-    return _split_elements(t["shape"] for t in read_header(path).values())
+    return _split_elements(t["shape"] for t in read_header(path, check_size=False).values())
 
 
 def _gguf_elements(path: pathlib.Path) -> tuple[int, int]:

@@ -36,9 +36,11 @@ class TensorEntry:
     shape: tuple[int, ...]
 
 
-def read_header(path: pathlib.Path) -> dict[str, dict]:
+def read_header(path: pathlib.Path, check_size: bool = True) -> dict[str, dict]:
     """The tensor table of a safetensors file (8 bytes of length, then JSON), checked against
-    the file's size so a truncated download is named here, not halfway through loading."""
+    the file's size so a truncated download is named here, not halfway through loading.
+    ``check_size`` False reads the shapes only (the bundle-size estimate: a disk too small for
+    the bundle is the first thing to say, whatever the file holds)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
@@ -52,9 +54,10 @@ def read_header(path: pathlib.Path) -> dict[str, dict]:
         raise QcompileError(f"cannot load model weights: {path} is not a readable safetensors "
                             f"file ({exc})",
                             f"the file is corrupt or truncated; {_FIX_FILES}") from exc
-    if 8 + length + end > size:
-        raise QcompileError(f"cannot load model weights: {path} is truncated: its header needs {8 + length + end:,} "
-                            f"bytes, the file has {size:,}", _FIX_FILES)
+    if check_size and 8 + length + end > size:
+        raise QcompileError(f"cannot load model weights: {path} is truncated: its header "
+                            f"needs {8 + length + end:,} bytes, the file has {size:,}",
+                            _FIX_FILES)
     return {n: t for n, t in header.items() if n != "__metadata__"}
 
 
@@ -72,7 +75,8 @@ def _shard_files(directory: pathlib.Path) -> list[pathlib.Path]:
     if missing:
         raise QcompileError(
             f"cannot load model weights from {directory}: {len(missing)} of the "
-            f"{len(names)} shards its index names are missing: {', '.join(missing)}", f"download the missing shard(s); {_FIX_FILES}")
+            f"{len(names)} shards its index names are missing: {', '.join(missing)}",
+            f"download the missing shard(s); {_FIX_FILES}")
     return [directory / name for name in names]
 
 

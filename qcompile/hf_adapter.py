@@ -185,14 +185,23 @@ def rotary_module(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_decoder().rotary_emb
 
 
+def _transposed(weight: torch.Tensor) -> torch.nn.Parameter:
+    # the Parameter itself is what derive records: wrapping afterwards makes a new tensor
+    return torch.nn.Parameter(weight.detach().T.contiguous(), requires_grad=False)
+
+
 def _linear_from_conv1d(conv) -> torch.nn.Linear:
-    """GPT-2's ``Conv1D`` stores ``[in, out]``; a ``Linear`` with the transpose is the same op."""
+    """GPT-2's ``Conv1D`` stores ``[in, out]``; a ``Linear`` with the transpose is the same op.
+    In a streamed compile the weight is fake: its transpose is recorded through
+    :func:`~qcompile.lazy_weights.derive`, so it is computed from the checkpoint when written."""
+    from qcompile.lazy_weights import derive
+
     in_features, out_features = conv.weight.shape
-    linear = torch.nn.Linear(in_features, out_features, bias=conv.bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(conv.weight.T)
-        if conv.bias is not None:
-            linear.bias.copy_(conv.bias)
+    with torch.device("meta"):
+        linear = torch.nn.Linear(in_features, out_features, bias=conv.bias is not None)
+    linear.weight = derive(_transposed, conv.weight)
+    if conv.bias is not None:
+        linear.bias = torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
     return linear
 
 
