@@ -47,6 +47,11 @@ def _packed_tensors(qweight: QuantizedWeight, flat_rows: bool):
 
 
 def _same_weight(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    if a is b:  # one weight quantized once (a path-free quantizer on a tied table)
+        return True
+    if (a.bits, a.group_size, a.axis, a.codes.shape) != (b.bits, b.group_size, b.axis,
+                                                         b.codes.shape):
+        return False
     a, b = materialize(a), materialize(b)  # a streamed compile compares the real codes
     same_zeros = (a.zeros is None and b.zeros is None) or (
         a.zeros is not None and b.zeros is not None and torch.equal(a.zeros, b.zeros))

@@ -12,13 +12,14 @@ from torch.fx.passes.infra.pass_base import PassResult
 from qcompile.pass_infra import QPass, compose_options, register_pass
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
-from .weight_steps import WeightFields, fake_quantize_weights
+from .weight_steps import WeightFields, fake_quantize_weights, path_free
 
 __all__ = ["RTNOptions", "QuantizeWeightsRTN", "rtn"]
 
 RTNOptions = compose_options("RTNOptions", WeightFields, doc=WeightFields.__doc__)
 
 
+@path_free
 def rtn(weight: torch.Tensor, spec: WeightQuantSpec, path: str):
     """Round ``weight`` to nearest on its grid (``path`` is not needed)."""
     return quantize_weight(weight, spec)

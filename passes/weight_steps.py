@@ -28,13 +28,22 @@ from qcompile.weight_format import QuantizedWeight
 from qcompile.weight_quantizer import WeightQuantSpec
 
 __all__ = ["QWEIGHT_META", "WeightFields", "body_spec", "role_specs", "weight_spec",
-           "weight_nodes", "fake_quantize_weights"]
+           "weight_nodes", "fake_quantize_weights", "path_free"]
 
 QWEIGHT_META = "qcompile.qweight"
 _LINEAR = torch.ops.aten.linear.default
 _EMBEDDING = torch.ops.aten.embedding.default
 
 Quantize = Callable[[torch.Tensor, WeightQuantSpec, str], object]
+
+
+def path_free(quantize: Quantize) -> Quantize:
+    """Mark ``quantize`` as depending on the weight and spec only, not on the module path: a
+    weight two modules share (a tied embedding and lm_head) given one spec is then quantized
+    once, and the two hold the same integer weight object (which ``pack_weights`` sees without
+    reading a streamed weight: the table is the largest unit a compile holds)."""
+    quantize.path_free = True
+    return quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +113,13 @@ def fake_quantize_weights(gm: torch.fx.GraphModule, context, options,
                           quantize: Quantize) -> None:
     """Fake-quantize every weight ``options`` gives a format, with ``quantize``; record each
     weight's format in ``context.layers``."""
+    shared: dict | None = {} if getattr(quantize, "path_free", False) else None
     for node, path, role in weight_nodes(gm, context.model):
         spec = weight_spec(options, path, role)
         if spec is None:
             context.layers[path] = {"role": role, "format": "float32"}
             continue
-        _fake_quantize(gm, node, path, role, spec, quantize, context.layers)
+        _fake_quantize(gm, node, path, role, spec, quantize, context.layers, shared)
     gm.recompile()
 
 
@@ -118,7 +128,8 @@ def _weight_arg(node: torch.fx.Node, role: str) -> torch.fx.Node:
 
 
 def _fake_quantize(gm, node, path: str, role: str, spec: WeightQuantSpec, quantize: Quantize,
-                   layers: dict) -> None:
+                   layers: dict, shared: dict | None) -> None:
+    """``shared`` (path-free quantizers): ``{(weight id, spec): QuantizedWeight}`` so far."""
     weight_node = _weight_arg(node, role)
     weight = get_tensor(gm, weight_node.target)
     if role == "embedding" and spec.group_size and weight.shape[1] % spec.group_size:
@@ -127,7 +138,13 @@ def _fake_quantize(gm, node, path: str, role: str, spec: WeightQuantSpec, quanti
             f"{weight.shape[1]} of {path}",
             "pick an embedding group_size that divides it, or 0 for per-row",
         )
-    qweight = derive(quantize, weight, spec, path)
+    if shared is None:
+        qweight = derive(quantize, weight, spec, path)
+    else:
+        key = (id(weight), spec)
+        if key not in shared:
+            shared[key] = (weight, derive(quantize, weight, spec, path))  # keeps the id live
+        qweight = shared[key][1]
     target = f"{path}.weight_fake_quant"
     set_buffer(gm, target, derive(QuantizedWeight.dequantize, qweight))
     with gm.graph.inserting_before(node):

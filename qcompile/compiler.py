@@ -21,6 +21,7 @@ from qcompile.attention_capture import unsupported_reason
 from qcompile.bundle import (CompileReport, atomic_directory, check_output_path, directory_bytes,
                              model_bytes, model_file, write_report)
 from qcompile.bundle_size import estimate_bundle_bytes
+from qcompile.memory import peak_rss_bytes, return_freed_memory
 from qcompile.calibration.record import save_record
 from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step
@@ -140,13 +141,6 @@ def build_stages(
     return Stages(loaded, loaded.model, exported, snapshots, module, program, context)
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _report(loaded, recipe, target, stages, accuracy_level, timings, bundle) -> CompileReport:
     return {
         "qcompile_version": __version__,
@@ -176,6 +170,7 @@ def compile_bundle(
     ``accuracy_level`` None takes the recipe's (0 where it names none). ``stream``
     (:mod:`qcompile.streaming`) says whether weights are streamed from the checkpoint."""
     start = time.perf_counter()
+    return_freed_memory()
     recipe, target = prepare_request(recipe_name, target_name)
     check_output_path(out_dir, force, estimate_bundle_bytes(source, recipe))
     plan = plan_stream(source, recipe, target, stream)

@@ -110,17 +110,20 @@ def _pack_last_dim(values: torch.Tensor, cbits: int) -> torch.Tensor:
     """Pack unsigned ``cbits``-wide values along the last dim, lowest bits first."""
     per_byte = 8 // cbits
     pad = (-values.shape[-1]) % per_byte
-    v = torch.nn.functional.pad(values.to(torch.int32), (0, pad))
+    v = torch.nn.functional.pad(values.to(torch.uint8), (0, pad))
     v = v.reshape(*v.shape[:-1], -1, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * cbits
-    return (v << shifts).sum(-1).to(torch.uint8)
+    # in uint8 throughout: a 128k-vocabulary table packs without int32/int64 temporaries
+    packed = v[..., 0].clone()
+    for index in range(1, per_byte):
+        packed |= v[..., index] << (index * cbits)
+    return packed
 
 
 def _unpack_last_dim(packed: torch.Tensor, cbits: int, count: int) -> torch.Tensor:
     per_byte = 8 // cbits
-    shifts = torch.arange(per_byte, dtype=torch.int32) * cbits
-    v = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << cbits) - 1)
-    return v.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.uint8)
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * cbits
+    v = (packed.to(torch.uint8).unsqueeze(-1) >> shifts) & ((1 << cbits) - 1)
+    return v.reshape(*packed.shape[:-1], -1)[..., :count]
 
 
 def pack_codes(codes: torch.Tensor, cbits: int, group_size: int) -> torch.Tensor:

@@ -97,10 +97,22 @@ def _fit(spec: WeightQuantSpec):
     return (lambda w, mask: _search_clip(w, mask, spec)) if spec.mse_clip else None
 
 
+#: elements quantized at once: rows are independent, so a large table (a 128k-vocabulary
+#: embedding, 262 M elements) is quantized in row chunks and its float temporaries stay ~64 MB
+_CHUNK_ELEMENTS = 1 << 24
+
+
 def quantize_weight(weight: torch.Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
-    """Round-to-nearest codes for a float ``[N, K]`` weight under ``spec``."""
+    """Round-to-nearest codes for a float ``[N, K]`` weight under ``spec``; the same bits
+    whatever the chunking (every group lies within one row)."""
     fmt = _format(spec, weight.shape[1], axis=1)
-    codes, scales, zeros = quantize(weight, fmt, _fit(spec))
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    parts = [quantize(chunk, fmt, _fit(spec)) for chunk in torch.split(weight, rows)]
+    if len(parts) == 1:
+        codes, scales, zeros = parts[0]
+    else:
+        codes, scales, zeros = (None if part[0] is None else torch.cat(part)
+                                for part in zip(*parts))
     return QuantizedWeight(codes, scales, zeros, spec.bits, fmt.block_size)
 
 

@@ -140,8 +140,16 @@ def write_model(name: str, out: pathlib.Path, layers: int | None = None,
                 shard_bytes: int = SHARD_BYTES, tokenizer_from: pathlib.Path | None = None
                 ) -> pathlib.Path:
     """Write shape ``name`` into ``out``; returns the model directory."""
-    torch_dtype, code = _DTYPES[dtype]
     config = shape_config(name, layers, tied, dtype)
+    return write_checkpoint(config, out, dtype, shard_bytes, tokenizer_from, name)
+
+
+def write_checkpoint(config, out: pathlib.Path, dtype: str = "bfloat16",
+                     shard_bytes: int = SHARD_BYTES, tokenizer_from: pathlib.Path | None = None,
+                     name: str = "model") -> pathlib.Path:
+    """Write a random-weight checkpoint of the transformers ``config`` into ``out`` (any
+    shape: the tests use narrow, few-vocabulary ones); returns the model directory."""
+    torch_dtype, code = _DTYPES[dtype]
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     layout = tensor_layout(config)

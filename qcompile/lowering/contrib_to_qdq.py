@@ -18,26 +18,50 @@ import onnx_ir as ir
 import torch
 
 from qcompile.lowering.contrib_schemas import MICROSOFT_DOMAIN
+from qcompile.lowering.deferred import defer_parts, is_lazy
 from qcompile.lowering.per_ic import per_ic_to_qdq
 from qcompile.lowering.qdq_graph import (attribute, constant, matmul_weight_dq,
-                                         replace_by_dq_matmul, typed_codes)
+                                         replace_by_dq_matmul, typed_codes, typed_dtypes)
 from qcompile.weight_format import unpack_codes, unpack_zero_points
 
 __all__ = ["padded_per_channel_to_qdq"]
 
 
-def _weight_dq(graph, node: ir.Node, name: str) -> ir.Node:
-    """The DequantizeLinear that yields MatMulNBits' float ``[K, N]`` weight."""
-    k, block, cbits = attribute(node, "K"), attribute(node, "block_size"), attribute(node, "bits")
-    b, scales = constant(node.inputs[1]), constant(node.inputs[2])
-    has_zp = len(node.inputs) > 3 and node.inputs[3] is not None
-    codes = unpack_codes(torch.from_numpy(b), cbits, k).numpy()
+def _weight_inputs(node: ir.Node) -> tuple:
+    """MatMulNBits' packed codes, scales and zero points (None) values; kept by a deferred
+    rewrite, since replacing the node disconnects its inputs."""
+    zp = node.inputs[3] if len(node.inputs) > 3 else None
+    return node.inputs[1], node.inputs[2], zp
+
+
+def _typed_weight(packed: ir.Value, zp: ir.Value | None, cbits: int, k: int, blocks: int):
+    """``(codes [N, K], zero points [N, blocks] or None)`` typed the ONNX way, read from
+    MatMulNBits' packed constants."""
+    codes = unpack_codes(torch.from_numpy(constant(packed)), cbits, k).numpy()
     zeros = None
-    if has_zp:
-        zp = torch.from_numpy(constant(node.inputs[3]))
-        zeros = unpack_zero_points(zp, cbits, scales.shape[1]).numpy()
-    codes, zeros = typed_codes(codes, zeros, cbits)
-    return matmul_weight_dq(graph, name, codes, zeros, scales, block, blocked_axis=1)
+    if zp is not None:
+        zeros = unpack_zero_points(torch.from_numpy(constant(zp)), cbits, blocks).numpy()
+    return typed_codes(codes, zeros, cbits)
+
+
+def _weight_dq(graph, node: ir.Node, name: str) -> ir.Node:
+    """The DequantizeLinear that yields MatMulNBits' float ``[K, N]`` weight. Where the packed
+    constants are not made yet (a streamed compile) its arrays are deferred: their shapes and
+    ONNX types follow from MatMulNBits' attributes."""
+    n, k, cbits = attribute(node, "N"), attribute(node, "K"), attribute(node, "bits")
+    packed, scales, zp = _weight_inputs(node)
+    blocks = scales.shape[1]
+    if any(is_lazy(value) for value in (packed, scales, zp)):
+        code_type, zero_type = typed_dtypes(cbits, zp is not None)
+        scales_shape = tuple(scales.shape.numpy())
+        codes, zeros, scale_array = defer_parts(
+            lambda: (*_typed_weight(packed, zp, cbits, k, blocks), constant(scales)),
+            [((n, k), code_type), None if zp is None else (scales_shape, zero_type),
+             (scales_shape, scales.const_value.dtype.numpy())])
+    else:
+        (codes, zeros), scale_array = _typed_weight(packed, zp, cbits, k, blocks), constant(scales)
+    return matmul_weight_dq(graph, name, codes, zeros, scale_array, attribute(node, "block_size"),
+                            blocked_axis=1)
 
 
 def _lower_matmul_nbits(graph: ir.Graph, node: ir.Node) -> None:

@@ -12,7 +12,10 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["attribute", "constant", "typed_codes", "add_initializer", "matmul_weight_dq",
+from qcompile.lowering.deferred import Deferred, apply, initializer_tensor
+
+__all__ = ["attribute", "constant", "typed_codes", "typed_dtypes", "add_initializer",
+           "matmul_weight_dq",
            "replace_node", "replace_by_dq_matmul"]
 
 _SIGNED = {4: ml_dtypes.int4, 8: np.int8}
@@ -39,18 +42,41 @@ def typed_codes(codes: np.ndarray, zeros: np.ndarray | None, cbits: int):
     return codes.astype(_UNSIGNED[cbits]), zeros.astype(_UNSIGNED[cbits])
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as the initializer ``name`` with its shape and type."""
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+def typed_dtypes(cbits: int, has_zero_points: bool) -> tuple[np.dtype, np.dtype | None]:
+    """The NumPy dtypes :func:`typed_codes` gives codes and zero points."""
+    if not has_zero_points:
+        return np.dtype(_SIGNED[cbits]), None
+    return np.dtype(_UNSIGNED[cbits]), np.dtype(_UNSIGNED[cbits])
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | Deferred) -> ir.Value:
+    """Register ``array`` (or a :class:`~qcompile.lowering.deferred.Deferred` one, made when
+    the bundle is written) as the initializer ``name`` with its shape and type."""
+    tensor = initializer_tensor(name, array)
+    value = ir.Value(name=name, const_value=tensor)
     value.shape = ir.Shape(array.shape)
-    value.type = ir.TensorType(ir.tensor(array).dtype)
+    value.type = ir.TensorType(tensor.dtype)
     graph.register_initializer(value)
     return value
 
 
-def matmul_weight_dq(graph: ir.Graph, name: str, codes: np.ndarray, zeros: np.ndarray | None,
-                     scales: np.ndarray, block_size: int, blocked_axis: int) -> ir.Node:
-    """The DequantizeLinear of MatMul's float ``[K, N]`` weight from typed ``[N, K]`` codes.
+def _transposed(array):
+    return apply(array, lambda a: a.T, tuple(array.shape)[::-1])
+
+
+def _first_along(array, axis: int):
+    shape = tuple(d for i, d in enumerate(array.shape) if i != axis)
+    return apply(array, lambda a: np.take(a, 0, axis=axis), shape)
+
+
+def _contiguous(array):
+    return array if isinstance(array, Deferred) else np.ascontiguousarray(array)
+
+
+def matmul_weight_dq(graph: ir.Graph, name: str, codes, zeros, scales, block_size: int,
+                     blocked_axis: int) -> ir.Node:
+    """The DequantizeLinear of MatMul's float ``[K, N]`` weight from typed ``[N, K]`` codes
+    (NumPy arrays, or :class:`~qcompile.lowering.deferred.Deferred` ones in a streamed compile).
 
     The blocks run along ``blocked_axis`` of ``[N, K]`` (1: along K, per output channel
     groups; 0: along N, per-IC groups), scales and zero points shaped accordingly. In ``[K, N]``
@@ -58,14 +84,15 @@ def matmul_weight_dq(graph: ir.Graph, name: str, codes: np.ndarray, zeros: np.nd
     per-axis quantization along the axis that is not blocked.
     """
     if scales.shape[blocked_axis] == 1:
-        arrays = [codes.T, *(None if t is None else np.take(t, 0, axis=blocked_axis)
-                             for t in (scales, zeros))]
+        arrays = [_transposed(codes), *(None if t is None else _first_along(t, blocked_axis)
+                                        for t in (scales, zeros))]
         attrs = {"axis": blocked_axis}
     else:
-        arrays = [codes.T, scales.T, None if zeros is None else zeros.T]
+        arrays = [_transposed(codes), _transposed(scales),
+                  None if zeros is None else _transposed(zeros)]
         attrs = {"axis": 1 - blocked_axis, "block_size": block_size}
     suffixes = ("weight_q", "weight_scale", "weight_zero_point")
-    inputs = [add_initializer(graph, f"{name}.{suffix}", np.ascontiguousarray(a))
+    inputs = [add_initializer(graph, f"{name}.{suffix}", _contiguous(a))
               for suffix, a in zip(suffixes, arrays) if a is not None]
     return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{name}/DequantizeLinear")
 
