@@ -89,6 +89,7 @@ class GPTQ(QPass):
     quantizes = "weights"
     Options = GPTQOptions
     ladder_stage = "fake-quant"
+    streams = True  # the block engine reads each block from the checkpoint, spills its codes
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         algorithm = GPTQBlocks(block_spec(self.options), self.options)

@@ -27,6 +27,9 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
+import pathlib
+import shutil
+import tempfile
 from typing import Callable
 
 import torch
@@ -65,6 +68,16 @@ def materialize(value):
     return value if registry is None else registry.realize(value)
 
 
+def _spilled_reader(path, name: str) -> Callable[[], torch.Tensor]:
+    def read() -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as file:
+            return file.get_tensor(name)
+
+    return read
+
+
 def _leaves(value) -> list:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -91,6 +104,8 @@ class LazyWeights:
         self._keep: list = []  # the fake tensors, so their ids stay theirs
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._calls = itertools.count()
+        self._spills = itertools.count()
+        self._spill_dir: pathlib.Path | None = None
 
     @contextlib.contextmanager
     def activated(self):
@@ -99,6 +114,22 @@ class LazyWeights:
             yield self
         finally:
             _ACTIVE.reset(token)
+            if self._spill_dir is not None:
+                shutil.rmtree(self._spill_dir, ignore_errors=True)
+                self._spill_dir = None
+
+    def spill(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Write ``tensors`` (a calibrated block's integer weights) to one safetensors file
+        in this compile's spill directory and return a fake tensor for each that reads it
+        back when the bundle is written; the directory goes when the compile ends."""
+        from safetensors.torch import save_file
+
+        if self._spill_dir is None:
+            self._spill_dir = pathlib.Path(tempfile.mkdtemp(prefix="qcompile-weights-"))
+        path = self._spill_dir / f"spill-{next(self._spills)}.safetensors"
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(path))
+        return {name: self.add(self.fake(t.shape, t.dtype), _spilled_reader(path, name))
+                for name, t in tensors.items()}
 
     def fake(self, shape, dtype=torch.float32) -> torch.Tensor:
         with self.mode:

@@ -149,8 +149,12 @@ def write_checkpoint(config, out: pathlib.Path, dtype: str = "bfloat16",
                      name: str = "model") -> pathlib.Path:
     """Write a random-weight checkpoint of the transformers ``config`` into ``out`` (any
     shape: the tests use narrow, few-vocabulary ones); returns the model directory."""
+    from transformers import AutoModelForCausalLM
+
     torch_dtype, code = _DTYPES[dtype]
     out.mkdir(parents=True, exist_ok=True)
+    if not config.architectures:  # onnxruntime-genai's builder picks its model class by it
+        config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
     config.save_pretrained(out)
     layout = tensor_layout(config)
     groups = shards(layout, torch.empty((), dtype=torch_dtype).element_size(), shard_bytes)

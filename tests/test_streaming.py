@@ -43,20 +43,41 @@ def _bundle_bytes(bundle: pathlib.Path) -> dict[str, bytes]:
             for name in ("model.onnx", "model.onnx.data", "genai_config.json")}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied head
-def test_streamed_bundle_equals_the_whole_model_bundle(arch, tmp_path):
+#: a tied table quantized like the lm_head: the embedding reads the lm_head's packed codes
+_TIED_ALIKE = ("passes:\n  - quantize_weights_rtn: {bits: 4, group_size: 32, embedding: "
+               "{bits: 4, group_size: 32}, lm_head: {bits: 4, group_size: 32}}\n"
+               "  - pack_weights\n")
+_GPTQ = ("passes:\n  - gptq: {bits: 4, group_size: 32, calibration: "
+         "{data: random, samples: 4, seq_len: 32, batch_size: 2}}\n  - pack_weights\n")
+
+
+@pytest.mark.parametrize("arch, recipe", [
+    ("llama", "w4a16-rtn"), ("qwen2", "w4a16-rtn"),  # tied and untied head
+    ("llama", _TIED_ALIKE),
+    ("llama", _GPTQ), ("gpt2", _GPTQ),  # calibrated block by block; GPT-2's Conv1D
+])
+def test_streamed_bundle_equals_the_whole_model_bundle(arch, recipe, tmp_path):
     source = _checkpoint(tmp_path / "model", _configs()[arch], shard_bytes=60_000)
     assert (source / "model.safetensors.index.json").is_file()  # really sharded
-    streamed = compile_bundle(str(source), "w4a16-rtn", "ort", tmp_path / "streamed",
+    calibrated = "gptq" in recipe
+    if recipe.startswith("passes:"):
+        (tmp_path / "recipe.yaml").write_text(recipe)
+        recipe = str(tmp_path / "recipe.yaml")
+    streamed = compile_bundle(str(source), recipe, "ort", tmp_path / "streamed",
                               stream="always")
-    whole = compile_bundle(str(source), "w4a16-rtn", "ort", tmp_path / "whole", stream="never")
+    whole = compile_bundle(str(source), recipe, "ort", tmp_path / "whole", stream="never")
     assert streamed["stream"] == {"streamed": True}
     assert whole["stream"]["streamed"] is False
-    assert _bundle_bytes(tmp_path / "streamed") == _bundle_bytes(tmp_path / "whole")
+    files = _bundle_bytes(tmp_path / "streamed")
+    assert files == _bundle_bytes(tmp_path / "whole")
+    if calibrated:  # the calibration record, read back from the spilled codes
+        record = "calibration.safetensors"
+        assert ((tmp_path / "streamed" / record).read_bytes()
+                == (tmp_path / "whole" / record).read_bytes())
 
 
 @pytest.mark.parametrize("recipe, target, reason", [
-    ("w4a16-gptq", "ort", "pass gptq runs on the whole model"),
+    ("w4a16-awq", "ort", "pass awq runs on the whole model"),
     ("w4a16-rtn", "onnx-qdq", "target onnx-qdq rewrites the codes after export"),
 ])
 def test_stream_always_refuses_with_the_reason(recipe, target, reason, tiny_model_dir,

@@ -22,7 +22,6 @@ passed in is never modified: algorithms write into the copy and report what chan
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import inspect
 import pathlib
@@ -34,6 +33,7 @@ import torch
 
 from qcompile.console import console, progress_bar
 from qcompile.errors import QcompileError
+from qcompile.calibration.streamed_blocks import float_copy, kept_results, real_outside_blocks
 from qcompile.hf_adapter import decoder_layers
 
 __all__ = [
@@ -308,11 +308,10 @@ def _log_block(label: str, done: int, total: int, start: float) -> None:
                   f"about {left:.0f} s left")
 
 
-def _record_float_changes(job: BlockJob, original: torch.nn.Module) -> None:
+def _record_float_changes(job: BlockJob, before: dict[str, torch.Tensor]) -> None:
     """Float parameters the algorithm changed (AWQ's folded scales), by full name; the
     weights of quantized linears are reported as integer weights instead."""
     quantized = {f"{path}.weight" for path in job.qweights}
-    before = dict(original.named_parameters())
     for name, param in job.block.named_parameters():
         full = job.path(name)
         if full in quantized or full in job.float_updates:
@@ -342,14 +341,15 @@ def run_block_calibration(
     with tempfile.TemporaryDirectory(prefix="qcompile-spill-") as tmp:
         spill_dir = pathlib.Path(tmp) if spill else None
         inputs, block_kwargs = ActivationStore(spill_dir, "in"), [[] for _ in blocks]
-        _capture_first_inputs(model, blocks, samples, batch_size, inputs, block_kwargs)
+        with real_outside_blocks(model, blocks):
+            _capture_first_inputs(model, blocks, samples, batch_size, inputs, block_kwargs)
         float_inputs = inputs if algorithm.needs_float_targets else None
         qweights, float_updates, peak = {}, {}, 0
         bar, task = progress_bar(f"{algorithm.label}: block 1/{len(blocks)}", len(blocks))
         with bar:
             for index, original in enumerate(blocks):
                 kwargs = block_kwargs[index]
-                block = copy.deepcopy(original).to(device=device, dtype=torch.float32).eval()
+                block, before = float_copy(original, device)
                 targets = None
                 if float_inputs is not None:
                     targets = _outputs(block, float_inputs, kwargs, device, spill_dir,
@@ -359,8 +359,8 @@ def run_block_calibration(
                     task, description=f"{algorithm.label}: block {i + 1}/{len(blocks)} {text}")
                 job.progress("")
                 algorithm.process(job)
-                _record_float_changes(job, original)
-                qweights.update(job.qweights)
+                _record_float_changes(job, before)
+                qweights.update(kept_results(job.qweights))
                 float_updates.update(job.float_updates)
                 peak = max(peak, _store_bytes(inputs, targets, float_inputs))
                 next_inputs = _outputs(block, inputs, kwargs, device, spill_dir, f"in{index}")

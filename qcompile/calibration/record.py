@@ -21,6 +21,7 @@ import pathlib
 import torch
 
 from qcompile.errors import QcompileError
+from qcompile.lazy_weights import materialize
 from qcompile.weight_format import QuantizedWeight, pack_codes, unpack_codes
 
 __all__ = ["RECORD_FILE", "CalibrationRecord", "load_record", "save_record"]
@@ -52,6 +53,7 @@ def save_record(directory: pathlib.Path, record: CalibrationRecord) -> pathlib.P
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
     for path, q in sorted(record.qweights.items()):
+        q = materialize(q)  # a streamed compile's spilled codes, read back one weight at a time
         n, k = q.codes.shape
         tensors[f"q.{path}.codes"] = pack_codes(q.codes, _code_bits(q.bits), k).contiguous()
         tensors[f"q.{path}.scales"] = q.scales.contiguous()

@@ -23,10 +23,14 @@ def _contrib_nodes(graph: ir.Graph, op_type: str) -> list[ir.Node]:
 
 
 def _same_bytes(table: ir.Value, weight: ir.Value) -> bool:
+    """Whether the table holds the weight's bytes. A table not made yet (a streamed compile)
+    is the embedding's own packing: ``pack_weights`` found it differs from the lm_head's, and
+    the exporter's folded copy, which this step exists for, is never lazy. Reading it here
+    would quantize the compile's largest tensor twice more."""
     a, b = table.const_value, weight.const_value
     if a is None or b is None or a.dtype != b.dtype or a.shape[0] != b.shape[0]:
         return False
-    if a.size != b.size:
+    if a.size != b.size or isinstance(a, ir.LazyTensor):
         return False
     return bool(np.array_equal(a.numpy().reshape(-1), b.numpy().reshape(-1)))
 
