@@ -38,6 +38,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile import kv_codec, kv_in_attention
 from qcompile.calibration.observers import ChannelRange, calibration_windows
+from qcompile.calibration.window_runner import run_windows
 from qcompile.capture import CacheEntry, CacheLayout, ExportSignature
 from qcompile.console import progress_bar
 from qcompile.errors import QcompileError
@@ -109,6 +110,7 @@ class QuantizeKVCache(QPass):
     quantizes = "kv_cache"
     Options = KVOptions
     ladder_stage = "kv-quant"
+    streams = True  # calibration walks the graph once, reading each weight for one op
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         options = self.options
@@ -147,17 +149,15 @@ class QuantizeKVCache(QPass):
         windows = calibration_windows(self.context, self.options.calibration_windows,
                                       self.options.calibration_tokens)
         empty = self.context.signature.cache.empty(1)
+        calls = [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                  "past_key_values": list(empty)} for ids in (w[None, :] for w in windows)]
         observers: list[ChannelRange] = []
-        bar, task = progress_bar("calibrating KV-cache channel ranges", len(windows))
+        bar, task = progress_bar("calibrating KV-cache channel ranges", len(calls))
         with bar, torch.no_grad():
-            for window in windows:
-                ids = window[None, :]
-                _, presents = gm(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 past_key_values=list(empty))
+            for _, presents in run_windows(gm, calls, lambda: bar.advance(task)):
                 observers = observers or [ChannelRange(keep=(1, 3)) for _ in presents]
                 for observer, present in zip(observers, presents):
                     observer.observe(present)
-                bar.advance(task)
         return [observer.result() for observer in observers]
 
 

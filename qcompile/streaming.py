@@ -1,8 +1,9 @@
 """Whether a compile streams its weights (:mod:`qcompile.lazy_weights`) or loads the model.
 
 A streamed compile needs a local safetensors checkpoint (a GGUF file is converted to one once),
-passes that run on a skeleton (``QPass.streams``: round-to-nearest and packing today; the
-calibrated methods and the KV-cache calibration still run the whole model) and a target that
+passes that run on a skeleton (``QPass.streams``: round-to-nearest, GPTQ through the block
+engine, KV-cache calibration and packing today; AWQ, FlexRound, LRQ and AdaDim still run the
+whole model) and a target that
 takes ONNX Runtime's packed layout (``onnx-qdq`` rewrites the codes after export, which would
 hold them all). ``--stream auto`` streams whenever these hold, ``always`` refuses a compile
 that cannot, ``never`` loads the whole model.

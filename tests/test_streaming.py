@@ -55,6 +55,7 @@ _GPTQ = ("passes:\n  - gptq: {bits: 4, group_size: 32, calibration: "
     ("llama", "w4a16-rtn"), ("qwen2", "w4a16-rtn"),  # tied and untied head
     ("llama", _TIED_ALIKE),
     ("llama", _GPTQ), ("gpt2", _GPTQ),  # calibrated block by block; GPT-2's Conv1D
+    ("llama", "w4a16-rtn+kv8"), ("qwen2", "w4a16-rtn+kv8-gqa"),  # KV ranges in one walk
 ])
 def test_streamed_bundle_equals_the_whole_model_bundle(arch, recipe, tmp_path):
     source = _checkpoint(tmp_path / "model", _configs()[arch], shard_bytes=60_000)
