@@ -67,7 +67,7 @@ class WeightQuantSpec:
 def _group_error(w, mask, scale, zero, bits, symmetric) -> torch.Tensor:
     q = round_codes(w, scale, zero, bits, symmetric)
     err = ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - w) ** 2
-    return torch.where(mask, err, torch.zeros_like(err)).sum(-1)
+    return (err if mask is None else torch.where(mask, err, torch.zeros_like(err))).sum(-1)
 
 
 def _search_clip(w, mask, spec: WeightQuantSpec, grid: int = 40, max_shrink: float = 0.6):

@@ -35,6 +35,9 @@ TOOLS = {
     "qcompile w4a16-rtn": ["-m", "qcompile", "compile", "SOURCE", "-r", "w4a16-rtn", "-o", "OUT"],
     "qcompile w4a16-gptq": ["-m", "qcompile", "compile", "SOURCE", "-r", "w4a16-gptq", "-o",
                             "OUT"],
+    "qcompile gptq 32x512": ["-m", "qcompile", "compile", "SOURCE", "-r",
+                             str(pathlib.Path(__file__).parent / "recipes" / "w4-gptq-s32.yaml"),
+                             "-o", "OUT"],
     "builder int4": ["-m", "onnxruntime_genai.models.builder", "-i", "SOURCE", "-o", "OUT", "-p",
                      "int4", "-e", "cpu", "-c", "CACHE"],
 }

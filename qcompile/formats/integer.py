@@ -104,14 +104,26 @@ def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
 def round_codes(w, scale, zero, bits: int, symmetric: bool) -> torch.Tensor:
     """Round-to-nearest codes of grouped ``w [.., blocks, group]`` (float, clamped)."""
     lo, hi = code_range(bits, symmetric)
-    return torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), lo, hi)
+    codes = w / scale.unsqueeze(-1)  # then in place: the same values, one temporary
+    return codes.round_().add_(zero.unsqueeze(-1)).clamp_(lo, hi)
 
 
-def grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, K]`` to ``[N, blocks, group]`` (NaN-padded) and the matching validity mask."""
+def _has_nan(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` holds a NaN; a fake tensor (a streamed compile's shapes) has no
+    values to check: its real values are quantized, and checked, when it is written."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not isinstance(weight, FakeTensor) and bool(torch.isnan(weight).any())
+
+
+def grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[N, K]`` to ``[N, blocks, group]`` (NaN-padded) and the matching validity mask; the
+    mask is None when every element is valid (no padding, no NaN), which spares the copies."""
     n, k = weight.shape
     blocks = math.ceil(k / group_size)
     pad = blocks * group_size - k
+    if pad == 0 and not _has_nan(weight):
+        return weight.reshape(n, blocks, group_size), None
     w = torch.nn.functional.pad(weight, (0, pad), value=float("nan"))
     w = w.reshape(n, blocks, group_size)
     return w, ~torch.isnan(w)
@@ -119,6 +131,8 @@ def grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
 
 def group_ranges(w, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group minimum and maximum of the valid elements of grouped ``w``."""
+    if mask is None:
+        return w.amin(-1), w.amax(-1)
     big = torch.finfo(w.dtype).max
     wmin = torch.where(mask, w, torch.full_like(w, big)).amin(-1)
     wmax = torch.where(mask, w, torch.full_like(w, -big)).amax(-1)
@@ -144,7 +158,8 @@ def quantize(weight: torch.Tensor, fmt: QuantFormat, fit: Callable | None = None
         scale, zero = fit_group_params(*group_ranges(w, mask), fmt.bits, fmt.symmetric)
     else:
         scale, zero = fit(w, mask)
-    codes = round_codes(torch.nan_to_num(w), scale, zero, fmt.bits, fmt.symmetric)
+    codes = round_codes(w if mask is None else torch.nan_to_num(w), scale, zero, fmt.bits,
+                        fmt.symmetric)
     codes = codes.reshape(n, -1)[:, :k].to(torch.uint8)
     return codes, scale.to(torch.float32), None if fmt.symmetric else zero.to(torch.uint8)
 
