@@ -56,7 +56,8 @@ def plan_stream(source: str | None, recipe, target, mode: str = "auto") -> Strea
     from qcompile.models import local_directory
 
     if mode not in STREAM_MODES:
-        raise QcompileError(f"unknown stream mode {mode!r}", f"use one of {', '.join(STREAM_MODES)}")
+        raise QcompileError(f"unknown stream mode {mode!r}",
+                            f"use one of {', '.join(STREAM_MODES)}")
     if mode == "never":
         return StreamPlan(None, "", source or "", "--stream never")
     kind, directory, name = local_directory(source)
