@@ -30,7 +30,7 @@ from qcompile.fx_utils import drop_unused_tensors, module_path, set_buffer
 from qcompile.lazy_weights import derive, materialize
 from qcompile.pass_infra import QPass, register_pass
 from qcompile.weight_format import QuantizedWeight, pack_codes, pack_per_ic, pack_zero_points
-from qcompile.passes.weight_steps import QWEIGHT_META
+from qcompile.passes.weight_steps import QWEIGHT_META, SAME_QWEIGHT_META
 
 __all__ = ["PackWeights"]
 
@@ -47,8 +47,6 @@ def _packed_tensors(qweight: QuantizedWeight, flat_rows: bool):
 
 
 def _same_weight(a: QuantizedWeight, b: QuantizedWeight) -> bool:
-    if a is b:  # one weight quantized once (a path-free quantizer on a tied table)
-        return True
     if (a.bits, a.group_size, a.axis, a.codes.shape) != (b.bits, b.group_size, b.axis,
                                                          b.codes.shape):
         return False
@@ -68,9 +66,10 @@ def _tied_embedding_and_head(quantized, layers: dict):
     if "embedding" not in by_role or "lm_head" not in by_role:
         return None
     (embedding, eq), (head, hq) = by_role["embedding"], by_role["lm_head"]
-    if eq.per_ic or eq.codes.shape[1] % eq.group_size or not _same_weight(eq, hq):
+    if eq.per_ic or eq.codes.shape[1] % eq.group_size:
         return None
-    return embedding, head
+    alike = embedding.meta.get(SAME_QWEIGHT_META) == module_path(head)  # known, not read
+    return (embedding, head) if alike or _same_weight(eq, hq) else None
 
 
 @register_pass

@@ -27,10 +27,13 @@ from qcompile.lazy_weights import derive
 from qcompile.weight_format import QuantizedWeight
 from qcompile.weight_quantizer import WeightQuantSpec
 
-__all__ = ["QWEIGHT_META", "WeightFields", "body_spec", "role_specs", "weight_spec",
+__all__ = ["QWEIGHT_META", "SAME_QWEIGHT_META", "WeightFields", "body_spec", "role_specs", "weight_spec",
            "weight_nodes", "fake_quantize_weights", "path_free"]
 
 QWEIGHT_META = "qcompile.qweight"
+#: on a weight node quantized exactly like an earlier module's (the same tensor, the same spec,
+#: a path-free quantizer): that module's path
+SAME_QWEIGHT_META = "qcompile.same_qweight_as"
 _LINEAR = torch.ops.aten.linear.default
 _EMBEDDING = torch.ops.aten.embedding.default
 
@@ -39,9 +42,9 @@ Quantize = Callable[[torch.Tensor, WeightQuantSpec, str], object]
 
 def path_free(quantize: Quantize) -> Quantize:
     """Mark ``quantize`` as depending on the weight and spec only, not on the module path: a
-    weight two modules share (a tied embedding and lm_head) given one spec is then quantized
-    once, and the two hold the same integer weight object (which ``pack_weights`` sees without
-    reading a streamed weight: the table is the largest unit a compile holds)."""
+    weight two modules share (a tied embedding and lm_head) given one spec then gives both the
+    same codes, which ``pack_weights`` knows without reading a streamed weight (the table is
+    the largest unit a compile holds)."""
     quantize.path_free = True
     return quantize
 
@@ -129,7 +132,11 @@ def _weight_arg(node: torch.fx.Node, role: str) -> torch.fx.Node:
 
 def _fake_quantize(gm, node, path: str, role: str, spec: WeightQuantSpec, quantize: Quantize,
                    layers: dict, shared: dict | None) -> None:
-    """``shared`` (path-free quantizers): ``{(weight id, spec): QuantizedWeight}`` so far."""
+    """``shared`` (path-free quantizers): ``{(weight id, spec): (weight, first path)}`` so
+    far; a weight quantized again alike records the first module's path in its node's meta
+    (:data:`SAME_QWEIGHT_META`), so ``pack_weights`` knows the codes equal without reading them.
+    Each module keeps its own QuantizedWeight object: a target that stores both tables
+    (``onnx-qdq``) names each after its module."""
     weight_node = _weight_arg(node, role)
     weight = get_tensor(gm, weight_node.target)
     if role == "embedding" and spec.group_size and weight.shape[1] % spec.group_size:
@@ -138,13 +145,11 @@ def _fake_quantize(gm, node, path: str, role: str, spec: WeightQuantSpec, quanti
             f"{weight.shape[1]} of {path}",
             "pick an embedding group_size that divides it, or 0 for per-row",
         )
-    if shared is None:
-        qweight = derive(quantize, weight, spec, path)
-    else:
-        key = (id(weight), spec)
-        if key not in shared:
-            shared[key] = (weight, derive(quantize, weight, spec, path))  # keeps the id live
-        qweight = shared[key][1]
+    qweight = derive(quantize, weight, spec, path)
+    if shared is not None:
+        first = shared.setdefault((id(weight), spec), (weight, path))  # keeps the id live
+        if first[1] != path:
+            node.meta[SAME_QWEIGHT_META] = first[1]
     target = f"{path}.weight_fake_quant"
     set_buffer(gm, target, derive(QuantizedWeight.dequantize, qweight))
     with gm.graph.inserting_before(node):
