@@ -14,7 +14,7 @@ import struct
 
 from qcompile.errors import QcompileError
 
-__all__ = ["estimate_bundle_bytes", "matrix_bits"]
+__all__ = ["estimate_bundle_bytes", "matrix_bits", "source_elements"]
 
 #: GGUF metadata value types: bytes of each scalar type, and the string and array types
 _GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -32,7 +32,7 @@ def estimate_bundle_bytes(source: str | None, recipe) -> int | None:
     graph and the tokenizer; SmolLM2 w4a16-rtn: ~72 MB estimated, 126 MB written), so only a
     disk that cannot hold the bundle is refused, never a compile that would fit.
     """
-    elements = _source_elements(source)
+    elements = source_elements(source)
     if elements is None:
         return None
     matrices, vectors = elements
@@ -51,7 +51,7 @@ def matrix_bits(recipe) -> float:
     return container_bits(spec.bits) + (32 / spec.group_size if spec.group_size > 0 else 0)
 
 
-def _source_elements(source: str | None) -> tuple[int, int] | None:
+def source_elements(source: str | None) -> tuple[int, int] | None:
     """``(matrix elements, vector elements)`` of a local source, read from the tensor headers
     only (no weights); a directory without safetensors counts its ``*.bin`` bytes as float32
     matrices. None for a hub id or unreadable headers."""

@@ -77,11 +77,18 @@ def _print_compile_summary(report: dict, output: pathlib.Path) -> None:
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=pathlib.Path))
 @click.option("--source", help="override the source model path recorded in report.json")
-def verify(bundle, source) -> None:
+@click.option("--ladder", type=click.Choice(["auto", "whole", "blockwise"]), default="auto",
+              show_default=True,
+              help="whole: every stage on the whole model; blockwise: codes, each decoder block "
+                   "on real activations, logits and decode against the last torch stage, "
+                   "holding about twice the bundle (large models); auto: whole where it fits "
+                   "in memory")
+def verify(bundle, source, ladder) -> None:
     """Run the parity ladder on BUNDLE; exit 1 if any stage diverges."""
-    from qcompile.runtimes.ladder import verify_bundle
+    from qcompile.runtimes.verify import verify as verify_bundle
 
-    summary = verify_bundle(bundle, source)
+    summary = verify_bundle(bundle, source, ladder)
+    console.print(f"ladder: {summary['ladder']['kind']} ({summary['ladder']['why']})")
     table = Table(title=f"parity ladder of {bundle}")
     for column in ("stage", "vs", "max abs", "mean abs", "rel max", "rel L2", "top-1",
                    "tolerance", "ok"):
@@ -100,6 +107,7 @@ def verify(bundle, source) -> None:
                   f"{decode['prompt_tokens']}-token prompt, ORT vs torch reference: tokens "
                   f"{'equal' if decode['tokens_equal'] else 'differ from step ' + str(decode['first_different_step'])}"
                   f", step logits rel L2 {decode['rel_l2']:.3g} ({decode['tolerance']}) {verdict}")
+    _print_blocks(summary.get("blocks"))
     codes = summary["integer_codes"]
     if codes:
         console.print(f"integer codes: {codes['weights_checked']} weights checked, "
@@ -114,6 +122,18 @@ def verify(bundle, source) -> None:
                           f"{layer.get('layer', 'not localised')}")
         sys.exit(1)
     console.print("[bold green]verify passed")
+
+
+def _print_blocks(blocks: list | None) -> None:
+    """One line for the block-wise ladder's blocks: how many passed, the worst, any failure."""
+    if not blocks:
+        return
+    worst = max(blocks, key=lambda b: b["rel_l2"])
+    failed = [b["stage"] for b in blocks if not b["passed"]]
+    verdict = "[green]pass" if not failed else f"[red]FAIL at {failed[0]}"
+    console.print(f"blocks: {len(blocks) - len(failed)} of {len(blocks)} within "
+                  f"{blocks[0]['tolerance']} on ORT's own activations; worst {worst['stage']}: "
+                  f"rel max {worst['rel_max']:.3g}, rel L2 {worst['rel_l2']:.3g} {verdict}")
 
 
 @cli.command(name="eval")

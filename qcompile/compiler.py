@@ -190,6 +190,17 @@ def _load(source, plan: StreamPlan, weights: LazyWeights | None, timings: dict) 
         return load_skeleton(plan.directory, weights, plan.name, plan.kind)
 
 
+def _layers(model) -> tuple[str, int] | None:
+    """``(decoder layers path, count)`` for the report's layer outputs (None: not found)."""
+    from qcompile.hf_adapter import decoder_layers
+
+    try:
+        path, blocks = decoder_layers(model)
+    except ValueError:
+        return None
+    return path, len(blocks)
+
+
 def _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weights,
              start) -> dict:
     timings: dict[str, float] = {}
@@ -206,7 +217,7 @@ def _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weigh
     with atomic_directory(out_dir, force) as tmp:
         with step(f"lowering to ONNX for target {target.name}", timings, "lower_s"):
             graph = export_onnx(stages.program, target, tmp, accuracy_level,
-                                stages.context.signature, weights)
+                                stages.context.signature, weights, _layers(loaded.model))
         package = None
         if target.package:
             with step(f"packaging for target {target.name}", timings, "package_s"):

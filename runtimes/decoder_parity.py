@@ -24,7 +24,7 @@ from qcompile.runtimes.generation import OrtGenerator
 from qcompile.runtimes.parity import Tolerance, compare
 from qcompile.runtimes.torch_runner import TorchRunner
 
-__all__ = ["decoder_parity", "forced_logits", "torch_greedy"]
+__all__ = ["decoder_parity", "forced_logits", "torch_greedy", "decode_stage", "ladder_verdict"]
 
 
 def torch_greedy(runner: TorchRunner, prompt: np.ndarray, new_tokens: int):
@@ -90,4 +90,23 @@ def decoder_parity(reference: torch.nn.Module, bundle, prompt: np.ndarray,
         "tie_at_first_difference": tie,
         "passed": passed,
         **stats.as_dict(),
+    }
+
+
+def decode_stage(reference: torch.nn.Module, bundle, inputs, tolerance: Tolerance) -> dict:
+    """The ladder's decode stage: greedy tokens after the first 16 tokens of the first input."""
+    from qcompile.console import step
+
+    with step("stage decode: 32 greedy tokens through the cache, ORT vs torch"):
+        return decoder_parity(reference, bundle, inputs[0][0, :16], tolerance)
+
+
+def ladder_verdict(failed: list[str], decode: dict, codes: dict | None, inputs) -> dict:
+    """The summary's verdict fields: passed overall, the first failing stage, decode, inputs."""
+    failed = failed + (["decode"] if not decode["passed"] else [])
+    return {
+        "passed": not failed and not (codes and codes["mismatched"]),
+        "first_failing_stage": failed[0] if failed else None,
+        "decode": decode,
+        "inputs": {"batch": int(inputs[0].shape[0]), "tokens": int(inputs[0].shape[1])},
     }

@@ -19,22 +19,19 @@ from qcompile.compiler import (Stages, build_stages, group_query_attention_of_re
                                weight_layout_of_report)
 from qcompile.console import step
 from qcompile.errors import QcompileError
-from qcompile.lowering.pack_matmul_nbits import packed_members
 from qcompile.models import load_model
 from qcompile.passes import ladder_stages
 from qcompile.recipes import recipe_of_report
 from qcompile.runtimes import layer_taps
-from qcompile.runtimes.decoder_parity import decoder_parity
+from qcompile.runtimes.code_check import check_codes
+from qcompile.runtimes.decoder_parity import decode_stage, ladder_verdict
 from qcompile.runtimes.float_noise import float64_logits, float_noise_verdict
 from qcompile.runtimes.onnx_reference_runner import (MAX_REFERENCE_PARAMETERS, ReferenceRunner,
                                                       unsupported_ops)
 from qcompile.runtimes.ort_runner import OrtRunner, tempdir, with_extra_outputs
-from qcompile.runtimes.parity import (CLOSE, EXACT, INT8_COMPUTE, QUALITY, QUANTIZED_CACHE,
-                                      STAGE_TOLERANCES, Tolerance, compare)
+from qcompile.runtimes.parity import (CLOSE, EXACT, QUALITY, STAGE_TOLERANCES, Tolerance, compare,
+                                      float_compute_tolerance, runtime_tolerance)
 from qcompile.runtimes.torch_runner import TorchRunner
-from qcompile.targets import get_target
-from qcompile.targets.base import resolve
-from qcompile.weight_format import unpack_codes
 
 __all__ = ["StageOutcome", "verify_bundle", "verification_inputs", "check_codes"]
 
@@ -86,24 +83,13 @@ def verification_inputs(tokenizer, vocab: int, batch: int = 2, length: int = 48)
     return ids, np.ones_like(ids)
 
 
-def _int8_compute(report: dict, fused: bool) -> bool:
-    quantized = bool(report["recipe"]["passes"])
-    level4 = report["target"]["accuracy_level"] == 4
-    in_file = get_target(report["target"]["name"]).int8_without_fusion
-    return quantized and level4 and (fused or in_file)
-
-
 def _float_compute_tolerance(stages: Stages) -> Tolerance:
     """Float-close, unless a quantized KV cache rounds activations inside the graph."""
-    return QUANTIZED_CACHE if "kv-quant" in stages.snapshots else CLOSE
+    return float_compute_tolerance("kv-quant" in stages.snapshots)
 
 
 def _runtime_tolerance(report: dict, stages: Stages, fused: bool) -> Tolerance:
-    """How closely a runtime must match the last torch stage: float-close, unless the bundle
-    rounds activations in the graph (int8 compute, a quantized KV cache)."""
-    if _int8_compute(report, fused):
-        return INT8_COMPUTE
-    return _float_compute_tolerance(stages)
+    return runtime_tolerance(report, "kv-quant" in stages.snapshots, fused)
 
 
 class _Ladder:
@@ -198,86 +184,6 @@ class _Ladder:
         return None
 
 
-def check_codes(final: torch.nn.Module, model_path: pathlib.Path, target_name: str) -> dict:
-    """Every exported integer weight equals the torch stage's codes exactly, read back from the
-    bundle's model file the way its target wrote it."""
-    initializers, metadata = resolve(get_target(target_name).read_tensors)(model_path)
-    initializers.update(_unpacked_weights(metadata, initializers))
-    checked, mismatched = 0, []
-    shapes = _code_shapes(final)
-    for name, packed in final.named_buffers():
-        if not name.endswith(".qweight"):
-            continue
-        path = name.removesuffix(".qweight")
-        same = _exported_codes_equal(initializers, path, packed)
-        if same is None and path in shapes:
-            same = _fused_codes_equal(initializers, path, packed, *shapes[path])
-        if same is None:
-            mismatched.append(f"{path} (not found in the ONNX model)")
-            continue
-        checked += 1
-        if not same:
-            mismatched.append(path)
-    return {"weights_checked": checked, "mismatched": mismatched}
-
-
-def _unpacked_weights(metadata: dict, initializers: dict) -> dict:
-    """Each member's ``qweight`` rows of the packed sibling ``MatMulNBits`` (ort target)."""
-    rows: dict[str, np.ndarray] = {}
-    for packed, members in packed_members(metadata).items():
-        start = 0
-        for member, count in members:
-            rows[f"{member}.qweight"] = initializers[packed][start:start + count]
-            start += count
-    return rows
-
-
-def _exported_codes_equal(initializers: dict, path: str, packed: torch.Tensor) -> bool | None:
-    """Compare the exported form of ``path`` with the torch stage's codes (None: absent)."""
-    if f"{path}.qweight" in initializers:  # ort target: the canonical bytes themselves
-        return bool(np.array_equal(initializers[f"{path}.qweight"], packed.numpy()))
-    if f"{path}.qweight_int8" in initializers:  # onnx-qdq symmetric 8-bit embedding
-        shifted = initializers[f"{path}.qweight_int8"].astype(np.int16) + 128
-        return bool(np.array_equal(shifted, packed.numpy().astype(np.int16)))
-    if f"{path}.weight_q" not in initializers:
-        return None
-    array = initializers[f"{path}.weight_q"]  # onnx-qdq linear: [K, N] int4/int8
-    k = array.shape[0]
-    cbits = 8 if array.dtype in (np.int8, np.uint8) else 4
-    # [N, K] layout-neutral codes (onnx-qdq), or ORT's packed bytes (ort's per-IC linears)
-    codes = packed if packed.ndim == 2 else unpack_codes(packed, cbits, k)
-    codes = codes.numpy().astype(np.int16)
-    exported = array.astype(np.int16).T
-    if f"{path}.weight_zero_point" not in initializers:
-        exported = exported + (1 << (cbits - 1))
-    return bool(np.array_equal(codes, exported))
-
-
-def _code_shapes(final: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """``{module path: (container bits, codes per row)}`` of each packed linear of ``final``."""
-    from qcompile.formats.integer import container_bits
-
-    linear = torch.ops.qcompile.linear_wNa16.default
-    shapes = {}
-    for node in getattr(final, "graph", torch.fx.Graph()).nodes:
-        if node.op == "call_function" and node.target is linear:
-            path = node.args[1].target.removesuffix(".qweight")
-            shapes[path] = (container_bits(node.args[5]), node.args[7])
-    return shapes
-
-
-def _fused_codes_equal(initializers: dict, path: str, packed: torch.Tensor, cbits: int,
-                       k: int) -> bool | None:
-    """A DequantizeLinear -> MatMul that ONNX Runtime's optimizer fused into ``MatMulNBits``
-    before the file was saved (``ort-mobile``): ``{path}.weight_q_T``, ``[N, blocks, blob]``
-    unsigned codes in its own blocks (symmetric codes offset like ours)."""
-    fused = initializers.get(f"{path}.weight_q_T")
-    if fused is None:
-        return None
-    theirs = unpack_codes(torch.from_numpy(np.array(fused)), cbits, k)
-    return bool(torch.equal(theirs, unpack_codes(packed, cbits, k)))
-
-
 def _ladder_plan(stages: Stages, report: dict, bundle: pathlib.Path, skipped: list):
     model_path = model_file(bundle)
     level = report["target"]["accuracy_level"]
@@ -339,16 +245,10 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
         ladder.run(name, runner, against, tolerance)
     codes = (check_codes(stages.final, model_file(bundle), report["target"]["name"])
              if recipe.steps else None)
-    with step("stage decode: 32 greedy tokens through the cache, ORT vs torch"):
-        decode = decoder_parity(stages.final, bundle, inputs[0][0, :16],
-                                _runtime_tolerance(report, stages, True))
+    decode = decode_stage(stages.final, bundle, inputs, _runtime_tolerance(report, stages, True))
     failed = [r.stage for r in ladder.results if r.passed is False]
-    failed += ["decode"] if not decode["passed"] else []
     summary = {
-        "passed": not failed and not (codes and codes["mismatched"]),
-        "first_failing_stage": failed[0] if failed else None,
-        "decode": decode,
-        "inputs": {"batch": int(inputs[0].shape[0]), "tokens": int(inputs[0].shape[1])},
+        **ladder_verdict(failed, decode, codes, inputs),
         "stages": [r.as_dict() for r in ladder.results],
         "skipped_stages": skipped,
         "integer_codes": codes,

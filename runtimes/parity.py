@@ -29,7 +29,8 @@ import dataclasses
 import numpy as np
 
 __all__ = ["Tolerance", "Comparison", "compare", "STAGE_TOLERANCES", "EXACT", "CLOSE",
-           "INT8_COMPUTE", "QUANTIZED_CACHE", "QUALITY"]
+           "INT8_COMPUTE", "QUANTIZED_CACHE", "QUALITY", "float_compute_tolerance",
+           "runtime_tolerance"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,28 @@ QUANTIZED_CACHE = Tolerance("quantized-cache", rel_l2=0.05, top1_min=0.90)
 QUALITY = Tolerance("quality")
 #: a pass's ``ladder_check`` -> the tolerance of its torch stage
 STAGE_TOLERANCES = {"quality": QUALITY, "exact": EXACT}
+
+
+def float_compute_tolerance(cache_quantized: bool) -> Tolerance:
+    """Float-close, unless a quantized KV cache rounds activations inside the graph."""
+    return QUANTIZED_CACHE if cache_quantized else CLOSE
+
+
+def _int8_compute(report: dict, fused: bool) -> bool:
+    from qcompile.targets import get_target
+
+    quantized = bool(report["recipe"]["passes"])
+    level4 = report["target"]["accuracy_level"] == 4
+    in_file = get_target(report["target"]["name"]).int8_without_fusion
+    return quantized and level4 and (fused or in_file)
+
+
+def runtime_tolerance(report: dict, cache_quantized: bool, fused: bool) -> Tolerance:
+    """How closely a runtime must match the last torch stage: float-close, unless the bundle
+    rounds activations in the graph (int8 compute, a quantized KV cache)."""
+    if _int8_compute(report, fused):
+        return INT8_COMPUTE
+    return float_compute_tolerance(cache_quantized)
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ from qcompile.bundle.files import DATA_FILE, MODEL_FILE
 from qcompile.capture import ExportSignature
 from qcompile.console import progress_bar
 from qcompile.lazy_weights import LazyWeights
+from qcompile.lowering.layer_outputs import layer_output_names, surviving
 from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
 from qcompile.lowering.pack_matmul_nbits import pack_sibling_matmuls
 from qcompile.lowering.shared_table import share_tied_tables
@@ -145,13 +146,17 @@ def export_onnx(
     accuracy_level: int,
     signature: ExportSignature,
     weights: LazyWeights | None = None,
+    layers: tuple[str, int] | None = None,
 ) -> dict:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``); return what the report records:
-    the fusions that applied and the op counts of the written graph. ``weights`` (a streamed
-    compile) makes each fake weight real as it is written."""
+    the fusions that applied, the op counts of the written graph and, given ``layers``
+    (``(decoder layers path, count)``), each layer's output value
+    (:mod:`qcompile.lowering.layer_outputs`). ``weights`` (a streamed compile) makes each fake
+    weight real as it is written."""
     model = _to_onnx(ep, target, signature, accuracy_level, weights)
     name_symbolic_dims(model, signature.onnx_dim_names())
     model = target.rewrite(model)
+    layer_outputs = layer_output_names(model, *layers) if layers else []
     fusions: dict[str, int] = {}
     if target.fuse:
         model, fusions = fuse_for_ort(model)
@@ -167,4 +172,5 @@ def export_onnx(
     model.producer_name = "qcompile"
     sort_initializers(model)
     _save(model, out_dir / MODEL_FILE, weights)
-    return {"fusions": fusions, "ops": op_counts(model)}
+    recorded = {"layer_outputs": surviving(model, layer_outputs)} if layers else {}
+    return {"fusions": fusions, "ops": op_counts(model), **recorded}
