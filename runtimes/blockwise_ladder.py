@@ -14,7 +14,8 @@ checkpoint and quantized one at a time. Then:
    compared on real activations, free of the drift of the blocks before it. The last block
    (whose output the fusions leave unnamed) is compared through the logits of the same run;
 3. logits: the bundle's logits against the torch stage's, unoptimized and optimized sessions;
-4. decode: greedy tokens through the cache against the torch stage, as in the whole ladder.
+4. decode: ORT's greedy tokens through its cache, scored by the torch stage in one forward
+   (:func:`~qcompile.runtimes.decoder_parity.one_pass_decoder_parity`).
 
 Left out, and listed in ``skipped_stages``: eager vs captured float and each pass's stage
 against the one before, which need the float model resident.
@@ -191,7 +192,8 @@ def verify_blockwise(bundle: pathlib.Path, report: dict, source: str | None = No
                                      runner(*inputs), reference))
         del runner
     stages_run.append(forced)
-    decode = decode_stage(final, bundle, inputs, runtime_tolerance(report, cached, True))
+    decode = decode_stage(final, bundle, inputs, runtime_tolerance(report, cached, True),
+                          one_pass=True)
     failed = [s["stage"] for s in stages_run + blocks if not s["passed"]]
     summary = {
         **ladder_verdict(failed, decode, codes, inputs),
