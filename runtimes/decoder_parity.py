@@ -63,6 +63,22 @@ def _is_tie(reference_row: np.ndarray, chosen: int, tolerance: Tolerance) -> boo
     return margin <= 2 * tolerance.rel_max * float(np.abs(reference_row).max())
 
 
+def _result(against: str, tolerance: Tolerance, prompt, new_tokens: int, same, tie: bool,
+            passed: bool, stats) -> dict:
+    return {
+        "stage": "decode",
+        "compared_with": against,
+        "tolerance": tolerance.describe(),
+        "prompt_tokens": int(len(prompt)),
+        "new_tokens": new_tokens,
+        "tokens_equal": same is None,
+        "first_different_step": same,
+        "tie_at_first_difference": tie,
+        "passed": passed,
+        **stats.as_dict(),
+    }
+
+
 def decoder_parity(reference: torch.nn.Module, bundle, prompt: np.ndarray,
                    tolerance: Tolerance, new_tokens: int = 32) -> dict:
     """Greedy ``new_tokens`` from ``prompt`` through the bundle and through ``reference``."""
@@ -79,19 +95,9 @@ def decoder_parity(reference: torch.nn.Module, bundle, prompt: np.ndarray,
     else:
         stats = compare(forced_logits(generator, prompt, theirs), their_logits)
         passed = tolerance.passes(stats) and (tie or not strict)
-    return {
-        "stage": "decode",
-        "compared_with": "torch reference (greedy, same quantization)" if strict else
-                         "torch reference's greedy tokens, ORT teacher-forced",
-        "tolerance": tolerance.describe(),
-        "prompt_tokens": int(len(prompt)),
-        "new_tokens": new_tokens,
-        "tokens_equal": same is None,
-        "first_different_step": same,
-        "tie_at_first_difference": tie,
-        "passed": passed,
-        **stats.as_dict(),
-    }
+    against = ("torch reference (greedy, same quantization)" if strict else
+               "torch reference's greedy tokens, ORT teacher-forced")
+    return _result(against, tolerance, prompt, new_tokens, same, tie, passed, stats)
 
 
 def one_pass_decoder_parity(reference: torch.nn.Module, bundle, prompt: np.ndarray,
@@ -114,18 +120,9 @@ def one_pass_decoder_parity(reference: torch.nn.Module, bundle, prompt: np.ndarr
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
     tie = same is not None and _is_tie(their_logits[same], ours[same], tolerance)
     stats = compare(our_logits, their_logits)
-    return {
-        "stage": "decode",
-        "compared_with": "torch reference scoring ORT's greedy tokens in one forward",
-        "tolerance": tolerance.describe(),
-        "prompt_tokens": int(len(prompt)),
-        "new_tokens": new_tokens,
-        "tokens_equal": same is None,
-        "first_different_step": same,
-        "tie_at_first_difference": tie,
-        "passed": tolerance.passes(stats) and (same is None or tie or not strict),
-        **stats.as_dict(),
-    }
+    passed = tolerance.passes(stats) and (same is None or tie or not strict)
+    return _result("torch reference scoring ORT's greedy tokens in one forward", tolerance,
+                   prompt, new_tokens, same, tie, passed, stats)
 
 
 def decode_stage(reference: torch.nn.Module, bundle, inputs, tolerance: Tolerance,

@@ -9,7 +9,9 @@ into ``SkipSimplifiedLayerNormalization`` as in a real-size ``ort`` bundle.
 
 from __future__ import annotations
 
+import json
 import pathlib
+import shutil
 
 import onnx
 import pytest
@@ -49,10 +51,20 @@ def _bundle(tmp_path: pathlib.Path, arch: str, recipe: str) -> pathlib.Path:
     return out
 
 
-@pytest.mark.parametrize("arch, recipe", [("llama", _RTN_G32), ("qwen2", _GPTQ_G32),
+@pytest.fixture(scope="module")
+def rtn_bundle(tmp_path_factory) -> pathlib.Path:
+    """One llama RTN bundle, copied by each test that damages it."""
+    return _bundle(tmp_path_factory.mktemp("rtn"), "llama", _RTN_G32)
+
+
+def _copy(bundle: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(bundle, tmp_path / "copy"))
+
+
+@pytest.mark.parametrize("arch, recipe", [("llama", None), ("qwen2", _GPTQ_G32),
                                           ("llama", _KV8)])
-def test_blockwise_verify_passes_on_a_good_bundle(arch, recipe, tmp_path):
-    bundle = _bundle(tmp_path, arch, recipe)
+def test_blockwise_verify_passes_on_a_good_bundle(arch, recipe, tmp_path, rtn_bundle):
+    bundle = _copy(rtn_bundle, tmp_path) if recipe is None else _bundle(tmp_path, arch, recipe)
     summary = verify(bundle, ladder="blockwise")
     assert summary["ladder"]["kind"] == "blockwise"
     assert summary["passed"], summary
@@ -78,8 +90,8 @@ def _scale_initializer(model_path: pathlib.Path, name: str, factor: float) -> No
         data.write(scaled.astype(scaled.dtype).tobytes())
 
 
-def test_a_damaged_block_is_named_and_the_blocks_after_it_still_pass(tmp_path):
-    bundle = _bundle(tmp_path, "llama", _RTN_G32)
+def test_a_damaged_block_is_named_and_the_blocks_after_it_still_pass(tmp_path, rtn_bundle):
+    bundle = _copy(rtn_bundle, tmp_path)
     # the scales, not the codes: only the block's output can show it
     _scale_initializer(bundle / "model.onnx", "model.layers.0.self_attn.o_proj.scales", 1.5)
     summary = verify(bundle, ladder="blockwise")
@@ -90,8 +102,8 @@ def test_a_damaged_block_is_named_and_the_blocks_after_it_still_pass(tmp_path):
     assert summary["integer_codes"]["mismatched"] == []
 
 
-def test_a_changed_code_is_named(tmp_path):
-    bundle = _bundle(tmp_path, "llama", _RTN_G32)
+def test_a_changed_code_is_named(tmp_path, rtn_bundle):
+    bundle = _copy(rtn_bundle, tmp_path)
     proto = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
     tensor = next(t for t in proto.graph.initializer
                   if t.name == "model.layers.1.mlp.down_proj.qweight")
@@ -106,12 +118,9 @@ def test_a_changed_code_is_named(tmp_path):
     assert summary["integer_codes"]["mismatched"] == ["model.layers.1.mlp.down_proj"]
 
 
-def test_auto_takes_the_whole_ladder_where_it_fits_and_blockwise_where_not(tmp_path,
+def test_auto_takes_the_whole_ladder_where_it_fits_and_blockwise_where_not(rtn_bundle,
                                                                            monkeypatch):
-    bundle = _bundle(tmp_path, "llama", _RTN_G32)
-    import json
-
-    report = json.loads((bundle / "report.json").read_text())
+    report = json.loads((rtn_bundle / "report.json").read_text())
     assert choose_ladder(report, None, "auto")[0] == "whole"
     need = verify_module.whole_ladder_bytes(report, None)
     assert need is not None and need > 0
