@@ -15,6 +15,7 @@ import pathlib
 from qcompile.bundle import read_report, update_report
 from qcompile.bundle_size import source_elements
 from qcompile.errors import QcompileError
+from qcompile.memory import return_freed_memory
 from qcompile.recipes import recipe_of_report
 
 __all__ = ["LADDERS", "choose_ladder", "verify", "whole_ladder_bytes"]
@@ -70,6 +71,7 @@ def choose_ladder(report: dict, source: str | None, requested: str) -> tuple[str
 
 def verify(bundle, source: str | None = None, ladder: str = "auto") -> dict:
     """Run the ladder ``choose_ladder`` picks on ``bundle``; the summary says which and why."""
+    return_freed_memory()  # large tensors freed go back to the system (qcompile.memory)
     bundle = pathlib.Path(bundle)
     report = read_report(bundle)
     chosen, why = choose_ladder(report, source, ladder)
