@@ -78,8 +78,30 @@ def linear_wNa16(
     block_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    weight = dequantize_packed(packed, scales, zero_points, bits, block_size, in_features)
-    return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+    rows = packed.shape[0]
+    if rows * in_features <= _WHOLE_WEIGHT_ELEMENTS:
+        weight = dequantize_packed(packed, scales, zero_points, bits, block_size, in_features)
+        return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+    step = max(1, _CHUNK_ELEMENTS // in_features)
+    return torch.cat([_rows_linear(x, packed, scales, zero_points, bias, bits, block_size,
+                                   in_features, start, min(start + step, rows))
+                      for start in range(0, rows, step)], dim=-1)
+
+
+#: a weight up to this size is dequantized whole; larger ones (a 128k-row lm_head: ~5x its
+#: fp32 size in dequantization temporaries) a block of output rows at a time
+_WHOLE_WEIGHT_ELEMENTS = 1 << 26
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_linear(x, packed, scales, zero_points, bias, bits, block_size, in_features, start,
+                 stop):
+    """Output features ``start:stop`` of :func:`linear_wNa16`."""
+    zeros = None if zero_points is None else zero_points[start:stop]
+    weight = dequantize_packed(packed[start:stop], scales[start:stop], zeros, bits, block_size,
+                               in_features)
+    return torch.nn.functional.linear(x, weight.to(x.dtype),
+                                      None if bias is None else bias[start:stop])
 
 
 @linear_wNa16.register_fake

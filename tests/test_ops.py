@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qcompile import ops  # noqa: F401  (registers the ops)
@@ -40,3 +41,27 @@ def test_embedding_opcheck_and_rows():
     torch.library.opcheck(torch.ops.qcompile.embedding_wN.default, args)
     out = torch.ops.qcompile.embedding_wN(*args)
     torch.testing.assert_close(out[0], qw.dequantize()[ids[0]])
+
+
+@pytest.mark.parametrize("asymmetric", [True, False])
+def test_a_large_linear_is_dequantized_in_row_blocks_with_the_same_result(asymmetric,
+                                                                          monkeypatch):
+    """Weights above the whole-weight limit (a 128k-row lm_head) are dequantized a block of
+    rows at a time, so the torch reference of a large model does not hold ~5x the head in
+    fp32 temporaries; the output is the same up to float32 rounding (BLAS sums a narrower
+    product in another order; weights under the limit, every one of SmolLM2's, are not split)."""
+    torch.manual_seed(0)
+    n, k, group = 300, 64, 32
+    packed = pack_codes(torch.randint(0, 16, (n, k), dtype=torch.uint8), 4, group)
+    zeros = (pack_zero_points(torch.randint(0, 16, (n, k // group), dtype=torch.uint8), 4)
+             if asymmetric else None)
+    scales, x, bias = torch.rand(n, k // group), torch.randn(2, 3, k), torch.randn(n)
+    whole = ops.linear_wNa16(x, packed, scales, zeros, bias, 4, group, k)
+    monkeypatch.setattr(ops, "_WHOLE_WEIGHT_ELEMENTS", 1000)
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", k * 70)  # 5 blocks, the last one short
+    chunked = ops.linear_wNa16(x, packed, scales, zeros, bias, 4, group, k)
+    assert chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-5)
+    dequantized = ops.dequantize_packed(packed, scales, zeros, 4, group, k)
+    assert not torch.equal(chunked[..., 1:], whole[..., :-1])  # columns stay in place
+    torch.testing.assert_close(chunked, x @ dequantized.T + bias, rtol=1e-6, atol=1e-5)
