@@ -8,14 +8,12 @@ layer ``i`` is the last node, in graph order, that belongs to the module ``<laye
 
 from __future__ import annotations
 
-import ast
-
 import onnx
 import torch
 
-from qcompile.capture import WRAPPER_ATTRIBUTE
 from qcompile.fx_utils import module_path
 from qcompile.hf_adapter import decoder_layers
+from qcompile.lowering.layer_outputs import layer_output_names
 
 __all__ = ["decoder_layers_path", "fx_layer_nodes", "onnx_layer_values", "eager_layer_outputs",
            "tap_fx", "has_ort_fusions"]
@@ -60,13 +58,6 @@ def tap_fx(gm: torch.fx.GraphModule, nodes: list) -> torch.fx.GraphModule:
     return tapped
 
 
-def _name_scopes(node: onnx.NodeProto) -> list[str]:
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            return ast.literal_eval(prop.value)
-    return []
-
-
 #: ops qcompile itself emits with module scopes; other contrib ops come from ORT fusions
 _SCOPED_CONTRIB = {"MatMulNBits", "GatherBlockQuantized"}
 
@@ -80,15 +71,12 @@ def has_ort_fusions(model: onnx.ModelProto) -> bool:
 
 
 def onnx_layer_values(model: onnx.ModelProto, layers_path: str, count: int) -> list[str | None]:
-    """For each layer, the name of the first output of its last ONNX node."""
-    last: list[str | None] = [None] * count
-    prefixes = [f"{WRAPPER_ATTRIBUTE}.{layers_path}.{i}" for i in range(count)]
-    for node in model.graph.node:
-        scopes = _name_scopes(node)
-        for i, prefix in enumerate(prefixes):
-            if prefix in scopes:
-                last[i] = node.output[0]
-    return last
+    """For each layer, the name of the first output of its last ONNX node: the rule compile
+    records layer outputs by (:func:`qcompile.lowering.layer_outputs.layer_output_names`),
+    on a protobuf model."""
+    import onnx_ir as ir
+
+    return layer_output_names(ir.serde.deserialize_model(model), layers_path, count)
 
 
 def eager_layer_outputs(model: torch.nn.Module, layers_path: str, run) -> list[torch.Tensor]:
