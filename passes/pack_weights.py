@@ -78,6 +78,7 @@ class PackWeights(QPass):
     ladder_stage = "lowered"
     ladder_check = "exact"  # the packed ops compute the fake-quant weights exactly
     streams = True
+    layer_uniform = True
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         quantized = [(n, n.meta[QWEIGHT_META]) for n in graph_module.graph.nodes

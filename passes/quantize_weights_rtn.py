@@ -12,7 +12,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from qcompile.pass_infra import QPass, compose_options, register_pass
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
-from .weight_steps import WeightFields, fake_quantize_weights, path_free
+from .weight_steps import WeightFields, fake_quantize_weights, path_free, weight_spec
 
 __all__ = ["RTNOptions", "QuantizeWeightsRTN", "rtn"]
 
@@ -32,6 +32,11 @@ class QuantizeWeightsRTN(QPass):
     Options = RTNOptions
     ladder_stage = "fake-quant"
     streams = True
+    layer_uniform = True
+
+    def treats_alike(self, path: str, other: str) -> bool:
+        return all(weight_spec(self.options, path, role) == weight_spec(self.options, other, role)
+                   for role in ("linear", "embedding", "lm_head"))
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         fake_quantize_weights(graph_module, self.context, self.options, rtn)

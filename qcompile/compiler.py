@@ -27,7 +27,9 @@ from qcompile.capture import capture, decoder_signature, unlift
 from qcompile.console import console, step
 from qcompile.errors import QcompileError
 from qcompile.genai_config import write_genai_config
+from qcompile.layer_template import LayerTemplate, plan_template
 from qcompile.lazy_weights import LazyWeights
+from qcompile.lowering.instantiate_layers import LayerTemplateError
 from qcompile.lowering.export_onnx import export_onnx
 from qcompile.targets import Target, get_target
 from qcompile.models import LoadedModel, load_model
@@ -201,6 +203,20 @@ def _layers(model) -> tuple[str, int] | None:
     return path, len(blocks)
 
 
+def _captured_stages(loaded, recipe, target, attention, template: LayerTemplate,
+                     timings: dict) -> Stages:
+    """:func:`build_stages` on the whole decoder, or on its first two layers with the
+    signature and per-module report entries grown to every layer (``template``)."""
+    with template.cut():
+        stages = build_stages(loaded, recipe, keep_snapshots=False, timings=timings,
+                              group_query_attention=attention["kind"] == GQA,
+                              weight_layout=target.weight_layout)
+    if template.used:
+        stages.context.signature = template.signature(stages.context.signature)
+        stages.context.layers = template.layer_entries(stages.context.layers)
+    return stages
+
+
 def _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weights,
              start) -> dict:
     timings: dict[str, float] = {}
@@ -211,13 +227,19 @@ def _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weigh
         console.print(f"  KV cache: float ({attention['reason']})")
     if accuracy_level is None:
         accuracy_level = recipe.accuracy_level or 0
-    stages = build_stages(loaded, recipe, keep_snapshots=False, timings=timings,
-                          group_query_attention=attention["kind"] == GQA,
-                          weight_layout=target.weight_layout)
+    template = plan_template(loaded.model, recipe, loaded.model_type, weights)
+    stages = _captured_stages(loaded, recipe, target, attention, template, timings)
     with atomic_directory(out_dir, force) as tmp:
         with step(f"lowering to ONNX for target {target.name}", timings, "lower_s"):
-            graph = export_onnx(stages.program, target, tmp, accuracy_level,
-                                stages.context.signature, weights, _layers(loaded.model))
+            try:
+                graph = export_onnx(stages.program, target, tmp, accuracy_level,
+                                    stages.context.signature, weights, _layers(loaded.model),
+                                    template.copies() if template.used else None)
+            except LayerTemplateError as exc:  # layers differ in a way the modules hid
+                template = LayerTemplate(f"the captured layers differ: {exc}")
+                stages = _captured_stages(loaded, recipe, target, attention, template, timings)
+                graph = export_onnx(stages.program, target, tmp, accuracy_level,
+                                    stages.context.signature, weights, _layers(loaded.model))
         package = None
         if target.package:
             with step(f"packaging for target {target.name}", timings, "package_s"):
@@ -233,7 +255,7 @@ def _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weigh
                                                     "bytes": record.stat().st_size}
         timings["compile_s"] = round(time.perf_counter() - start, 3)
         report = _report(loaded, recipe, target, stages, accuracy_level, timings, tmp)
-        report["graph"] = {"attention": attention, **graph}
+        report["graph"] = {"attention": attention, "capture": template.to_dict(), **graph}
         report["stream"] = plan.to_dict()
         if package is not None:
             report["package"] = package

@@ -91,6 +91,27 @@ def _leaves(value) -> list:
     return []
 
 
+def _map_tensors(value, fn: Callable[[torch.Tensor], torch.Tensor],
+                 on_str: Callable[[str], str] | None = None):
+    """``value`` (a tensor, a dataclass, a tuple / list / dict of them) with ``fn`` applied to
+    every tensor in it (and ``on_str`` to every string, when given)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, str):
+        return on_str(value) if on_str is not None else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{
+            f.name: _map_tensors(getattr(value, f.name), fn, on_str)
+            for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn, on_str) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn, on_str) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn, on_str) for k, v in value.items()}
+    return value
+
+
 def _has_fake(value) -> bool:
     return any(is_fake(leaf) for leaf in _leaves(value))
 
@@ -101,6 +122,8 @@ class LazyWeights:
     def __init__(self):
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self._producers: dict[int, Callable[[], torch.Tensor]] = {}
+        #: how each derived fake was made: ``(call, fn, args, kwargs, leaf index)``
+        self._derived: dict[int, tuple] = {}
         self._keep: list = []  # the fake tensors, so their ids stay theirs
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._calls = itertools.count()
@@ -147,6 +170,37 @@ class LazyWeights:
         for index, leaf in enumerate(_leaves(result)):
             if is_fake(leaf) and id(leaf) not in self._producers:
                 self.add(leaf, lambda c=call, i=index: self._call(c, fn, args, kwargs)[i])
+                self._derived[id(leaf)] = (call, fn, args, kwargs, index)
+
+    def retarget(self, tensor: torch.Tensor, swap: Callable[[torch.Tensor], torch.Tensor | None],
+                 memo: dict, rename: Callable[[str], str] | None = None) -> torch.Tensor:
+        """``tensor`` as it would have been computed from other inputs: ``swap(t)`` gives the
+        tensor standing in for ``t`` (a layer's weight for the template layer's) or None to
+        keep ``t``; ``rename`` maps the string arguments (module paths). A derived fake gets a new fake whose producer repeats the recorded call
+        on the swapped arguments; ``memo`` (one per target) makes the siblings of one call
+        (a linear's codes, scales and zero points) share one new call, computed once.
+
+        This is how a decoder layer instantiated from a captured one
+        (:mod:`qcompile.layer_template`) gets its own weights without being captured."""
+        swapped = swap(tensor)
+        if swapped is not None:
+            return swapped
+        derived = self._derived.get(id(tensor)) if is_fake(tensor) else None
+        if derived is None:
+            return tensor
+        call, fn, args, kwargs, index = derived
+        if call not in memo:
+            again = lambda t: self.retarget(t, swap, memo, rename)  # noqa: E731
+            new_args = _map_tensors(args, again, rename)
+            new_kwargs = _map_tensors(kwargs, again, rename)
+            memo[call] = (next(self._calls), new_args, new_kwargs, {})
+        new_call, new_args, new_kwargs, leaves = memo[call]
+        if index not in leaves:
+            leaves[index] = self.add(
+                self.fake(tensor.shape, tensor.dtype),
+                lambda: self._call(new_call, fn, new_args, new_kwargs)[index])
+            self._derived[id(leaves[index])] = (new_call, fn, new_args, new_kwargs, index)
+        return leaves[index]
 
     def _call(self, call: int, fn: Callable, args: tuple, kwargs: dict) -> list:
         if call in self._cache:
@@ -174,19 +228,7 @@ class LazyWeights:
 
     def realize(self, value):
         """``value`` (a tensor, a dataclass of tensors, a tuple / list / dict) made real."""
-        if isinstance(value, torch.Tensor):
-            return self.real(value)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return dataclasses.replace(value, **{f.name: self.realize(getattr(value, f.name))
-                                                 for f in dataclasses.fields(value)
-                                                 if f.init})
-        if isinstance(value, tuple):
-            return tuple(self.realize(v) for v in value)
-        if isinstance(value, list):
-            return [self.realize(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self.realize(v) for k, v in value.items()}
-        return value
+        return _map_tensors(value, self.real)
 
     def to_lazy_tensors(self, model, on_write: Callable[[str, int], None] | None = None) -> int:
         """Replace each fake initializer of the onnx-ir ``model`` by a ``LazyTensor`` that makes

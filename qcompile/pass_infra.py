@@ -78,6 +78,10 @@ class QPass(PassBase):
     #: runs on a skeleton model (fake matrices) in a streamed compile: every tensor it
     #: computes from weights goes through :func:`qcompile.lazy_weights.derive`
     streams: ClassVar[bool] = False
+    #: computes each decoder layer from that layer's weights alone, alike for every layer
+    #: (given :meth:`treats_alike`), so a streamed compile may capture two layers and repeat
+    #: the second (:mod:`qcompile.layer_template`); a calibrating pass is not
+    layer_uniform: ClassVar[bool] = False
 
     def __init__(self, options=None, context: PassContext | None = None):
         super().__init__()
@@ -86,6 +90,11 @@ class QPass(PassBase):
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:  # pragma: no cover
         raise NotImplementedError
+
+    def treats_alike(self, path: str, other: str) -> bool:
+        """Whether this pass's options treat the modules at ``path`` and ``other`` (the same
+        module of two decoder layers) alike; options that name module paths may not."""
+        return True
 
     def ensures(self, graph_module: torch.fx.GraphModule) -> None:
         graph_module.graph.lint()

@@ -9,6 +9,7 @@ unused-initializer cleanup.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import pathlib
@@ -22,6 +23,7 @@ from qcompile.bundle.files import DATA_FILE, MODEL_FILE
 from qcompile.capture import ExportSignature
 from qcompile.console import progress_bar
 from qcompile.lazy_weights import LazyWeights
+from qcompile.lowering.instantiate_layers import LayerCopies, instantiate_layers
 from qcompile.lowering.layer_outputs import layer_output_names, surviving
 from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
 from qcompile.lowering.pack_matmul_nbits import pack_sibling_matmuls
@@ -35,11 +37,15 @@ STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
 def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int,
-             weights: LazyWeights | None) -> ir.Model:
-    """torch.onnx's export and then its optimizer (what ``optimize=True`` does), with the fake
-    weights of a streamed compile turned into lazy tensors in between: the optimizer's
-    constant folding and deduplication read the small ones."""
+             weights: LazyWeights | None, copies: LayerCopies | None) -> ir.Model:
+    """torch.onnx's export and then its optimizer (what ``optimize=True`` does), with, in
+    between, the captured layers copied to the decoder's full depth (``copies``, see
+    :mod:`qcompile.lowering.instantiate_layers`) and the fake weights of a streamed compile
+    turned into lazy tensors: the optimizer's constant folding and deduplication read the
+    small ones."""
     quiet = io.StringIO()
+    captured = (signature if copies is None else dataclasses.replace(
+        signature, cache=dataclasses.replace(signature.cache, num_layers=copies.template + 1)))
     # torch.onnx logs a warning per missing torchvision op and pytree deprecation notices;
     # none concern LLM export, and they bury qcompile's own progress lines
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -50,11 +56,13 @@ def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int
             dynamo=True,
             opset_version=OPSET,
             custom_translation_table=target.translation_table(accuracy_level),
-            input_names=list(signature.input_names),
-            output_names=list(signature.output_names),
+            input_names=list(captured.input_names),
+            output_names=list(captured.output_names),
             optimize=False,
             verbose=False,
         )
+        if copies is not None:
+            instantiate_layers(program.model, copies)
         if weights is not None:
             weights.to_lazy_tensors(program.model)
         program.optimize()
@@ -147,13 +155,15 @@ def export_onnx(
     signature: ExportSignature,
     weights: LazyWeights | None = None,
     layers: tuple[str, int] | None = None,
+    copies: LayerCopies | None = None,
 ) -> dict:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``); return what the report records:
     the fusions that applied, the op counts of the written graph and, given ``layers``
     (``(decoder layers path, count)``), each layer's output value
     (:mod:`qcompile.lowering.layer_outputs`). ``weights`` (a streamed compile) makes each fake
-    weight real as it is written."""
-    model = _to_onnx(ep, target, signature, accuracy_level, weights)
+    weight real as it is written; ``copies`` grows a program captured with fewer layers than
+    ``signature`` has to all of them."""
+    model = _to_onnx(ep, target, signature, accuracy_level, weights, copies)
     name_symbolic_dims(model, signature.onnx_dim_names())
     model = target.rewrite(model)
     layer_outputs = layer_output_names(model, *layers) if layers else []
