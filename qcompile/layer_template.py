@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from qcompile.capture import WRAPPER_ATTRIBUTE
+from qcompile.capture import WRAPPER_ATTRIBUTE, prepare_for_capture
 from qcompile.hf_adapter import decoder_layers, text_config
 from qcompile.lazy_weights import LazyWeights, is_fake
 from qcompile.lowering.instantiate_layers import LayerCopies, LayerTemplateError, layer_pattern
@@ -115,6 +115,7 @@ class LayerTemplate:
         if not self.used:
             yield
             return
+        prepare_for_capture(self.model)  # every layer's Conv1D a Linear, not only the two cut
         owner_path, _, attribute = self.layers_path.rpartition(".")
         owner = self.model.get_submodule(owner_path) if owner_path else self.model
         full, config = self.layers, text_config(self.model.config)

@@ -1,0 +1,112 @@
+"""The streamed compile's two-layer capture (qcompile.layer_template): a decoder of alike layers
+is captured as two and instantiated to its depth in ONNX. The bundle must compute what the whole
+capture's computes (same weights file byte for byte, same ops, same outputs), and any decoder
+whose layers differ must keep the whole capture, with the reason in report.json."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from qcompile.compiler import compile_bundle
+from qcompile import layer_template
+
+from conftest import _configs
+from test_streaming import _checkpoint
+
+LAYERS = 4
+
+
+def _deep(arch: str, layers: int = LAYERS, **changes):
+    config = _configs()[arch]
+    values = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
+    values["n_layer" if arch == "gpt2" else "num_hidden_layers"] = layers
+    return type(config)(**{**values, **changes})
+
+
+def _outputs(bundle: pathlib.Path) -> list[np.ndarray]:
+    """A 6-token prompt then one cached step, every output of both."""
+    session = ort.InferenceSession(str(bundle / "model.onnx"))
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 128, (2, 6)).astype(np.int64),
+             "attention_mask": np.ones((2, 6), np.int64)}
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    for past in pasts:
+        shape = [2 if d == "batch_size" else 0 if isinstance(d, str) else d for d in past.shape]
+        feeds[past.name] = np.zeros(shape, np.float32)
+    first = session.run(None, feeds)
+    names = [o.name for o in session.get_outputs()]
+    step = {"input_ids": np.array([[3], [5]], np.int64), "attention_mask": np.ones((2, 7), np.int64)}
+    step.update({p.name: first[names.index(p.name.replace("past_key_values", "present"))]
+                 for p in pasts})
+    return first + session.run(None, step)
+
+
+def _compile_both(tmp_path, config, recipe="w4a16-rtn"):
+    source = _checkpoint(tmp_path / "model", config, shard_bytes=60_000)
+    streamed = compile_bundle(str(source), recipe, "ort", tmp_path / "streamed", stream="always")
+    whole = compile_bundle(str(source), recipe, "ort", tmp_path / "whole", stream="never")
+    return streamed, whole
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # tied, untied + biases, Conv1D
+def test_instantiated_layers_compute_what_the_whole_capture_computes(arch, tmp_path):
+    streamed, whole = _compile_both(tmp_path, _deep(arch))
+    assert streamed["graph"]["capture"] == {"kind": "template", "layers_captured": 2,
+                                            "layers": LAYERS}
+    assert whole["graph"]["capture"]["kind"] == "whole"
+    data = "model.onnx.data"
+    assert (tmp_path / "streamed" / data).read_bytes() == (tmp_path / "whole" / data).read_bytes()
+    for key in ("layers", "signature"):
+        assert streamed[key] == whole[key]
+    assert streamed["graph"]["ops"] == whole["graph"]["ops"]
+    assert streamed["graph"]["fusions"] == whole["graph"]["fusions"]
+    assert len(streamed["graph"]["layer_outputs"]) == LAYERS
+    assert json.loads((tmp_path / "streamed" / "genai_config.json").read_text()) == \
+        json.loads((tmp_path / "whole" / "genai_config.json").read_text())
+    ours, theirs = _outputs(tmp_path / "streamed"), _outputs(tmp_path / "whole")
+    assert len(ours) == len(theirs) == 2 * (1 + 2 * LAYERS)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_recipe_that_names_one_layer_keeps_the_whole_capture(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passes:\n  - quantize_weights_rtn: {bits: 4, group_size: 32, "
+                      "keep_float: ['model.layers.2.*']}\n  - pack_weights\n")
+    streamed, whole = _compile_both(tmp_path, _deep("llama"), str(recipe))
+    reason = streamed["graph"]["capture"]["reason"]
+    assert "quantize_weights_rtn" in reason and "model.layers.2" in reason
+    assert streamed["layers"]["model.layers.2.mlp.up_proj"]["format"] == "float32"
+    data = "model.onnx.data"
+    assert (tmp_path / "streamed" / data).read_bytes() == (tmp_path / "whole" / data).read_bytes()
+
+
+def test_layers_of_two_kinds_keep_the_whole_capture(tmp_path):
+    kinds = ["sliding_attention", "full_attention"] * (LAYERS // 2)
+    streamed, _ = _compile_both(tmp_path, _deep("qwen2", layer_types=kinds, sliding_window=4,
+                                                use_sliding_window=True))
+    assert "2 kinds" in streamed["graph"]["capture"]["reason"]
+
+
+def test_layers_the_modules_call_alike_but_export_differently_are_caught(tmp_path, monkeypatch):
+    """Hide the sliding / global difference from the module checks: the ONNX comparison of
+    layer 0 with layer 1 still finds it, and the compile falls back to the whole capture."""
+    monkeypatch.setattr(layer_template, "_config_reason", lambda model: None)
+    monkeypatch.setattr(layer_template, "_layers_reason", lambda layers: None)
+    kinds = ["sliding_attention", "full_attention"] * (LAYERS // 2)
+    streamed, whole = _compile_both(tmp_path, _deep("qwen2", layer_types=kinds, sliding_window=4,
+                                                    use_sliding_window=True))
+    assert streamed["graph"]["capture"]["reason"].startswith("the captured layers differ")
+    for a, b in zip(_outputs(tmp_path / "streamed"), _outputs(tmp_path / "whole")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_two_layer_decoders_are_captured_whole(tiny_model_dir, tmp_path):
+    report = compile_bundle(str(tiny_model_dir()), "w4a16-rtn", "ort", tmp_path / "b",
+                            stream="always")
+    assert report["graph"]["capture"] == {"kind": "whole", "reason": "the decoder has 2 layers"}
