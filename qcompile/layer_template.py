@@ -95,6 +95,7 @@ class LayerTemplate:
     layers: torch.nn.ModuleList | None = None
     model: torch.nn.Module | None = None
     weights: LazyWeights | None = None
+    _memos: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def count(self) -> int:
@@ -167,7 +168,8 @@ class LayerTemplate:
         if not isinstance(raw, torch.Tensor):
             raise LayerTemplateError(f"initializer {value.name} is not a torch tensor")
         if is_fake(raw):
-            tensor = self.weights.retarget(raw, self._swap(index), {}, rename)
+            memo = self._memos.setdefault(index, {})  # one per layer: siblings share calls
+            tensor = self.weights.retarget(raw, self._swap(index), memo, rename)
         else:
             tensor = self._state.get(name.removeprefix(f"{WRAPPER_ATTRIBUTE}."))
             if tensor is None:

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from qcompile.compiler import compile_bundle
-from qcompile import layer_template
+from qcompile import compiler, layer_template
 
 from conftest import _configs
 from test_streaming import _checkpoint
@@ -59,8 +59,27 @@ def _compile_both(tmp_path, config, recipe="w4a16-rtn"):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # tied, untied + biases, Conv1D
-def test_instantiated_layers_compute_what_the_whole_capture_computes(arch, tmp_path):
-    streamed, whole = _compile_both(tmp_path, _deep(arch))
+def test_instantiated_layers_compute_what_the_whole_capture_computes(arch, tmp_path,
+                                                                     monkeypatch):
+    from qcompile.passes import quantize_weights_rtn
+
+    calls = {"n": 0}
+    quantize = quantize_weights_rtn.quantize_weight
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return quantize(*args, **kwargs)
+
+    monkeypatch.setattr(quantize_weights_rtn, "quantize_weight", counted)
+    streamed, source = _streamed(tmp_path, _deep(arch))
+    streamed_calls, calls["n"] = calls["n"], 0
+    with monkeypatch.context() as patch:  # the same streamed compile, capturing every layer
+        patch.setattr(compiler, "plan_template",
+                      lambda *args: layer_template.LayerTemplate("off for the test"))
+        compile_bundle(str(source), "w4a16-rtn", "ort", tmp_path / "all", stream="always")
+    # an instantiated linear is quantized once, not once per packed tensor it writes
+    assert streamed_calls <= calls["n"], (streamed_calls, calls["n"])
+    whole = compile_bundle(str(source), "w4a16-rtn", "ort", tmp_path / "whole", stream="never")
     assert streamed["graph"]["capture"] == {"kind": "template", "layers_captured": 2,
                                             "layers": LAYERS}
     assert whole["graph"]["capture"]["kind"] == "whole"
