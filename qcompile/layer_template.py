@@ -33,6 +33,8 @@ __all__ = ["LayerTemplate", "plan_template"]
 
 #: layers captured: the first and the template, whose structures are compared
 CAPTURED = 2
+#: the captured layer the others are copied from
+TEMPLATE = CAPTURED - 1
 #: per-layer attributes that name the layer rather than configure it
 _INDEX_ATTRIBUTES = frozenset({"layer_idx", "layer_index", "layer_id", "layer_number"})
 _PLAIN = (bool, int, float, str, type(None))
@@ -60,10 +62,10 @@ def _config_reason(model) -> str | None:
 
 
 def _layers_reason(layers) -> str | None:
-    first = _settings(layers[1])
+    template = _settings(layers[TEMPLATE])
     for index, layer in enumerate(layers):
-        if _settings(layer) != first:
-            return f"layer {index} is configured unlike layer 1"
+        if _settings(layer) != template:
+            return f"layer {index} is configured unlike layer {TEMPLATE}"
     return None
 
 
@@ -80,8 +82,8 @@ def _passes_reason(recipe, model_type: str, paths: list[tuple[str, str]]) -> str
 def _module_paths(layers_path: str, layers, count: int) -> list[tuple[str, str]]:
     """``(template module path, the same module's path in layer i)`` for every module and
     layer."""
-    names = [name for name, _ in layers[1].named_modules()]
-    return [(f"{layers_path}.1.{n}".rstrip("."), f"{layers_path}.{i}.{n}".rstrip("."))
+    names = [name for name, _ in layers[TEMPLATE].named_modules()]
+    return [(f"{layers_path}.{TEMPLATE}.{n}".rstrip("."), f"{layers_path}.{i}.{n}".rstrip("."))
             for i in range(count) for n in names]
 
 
@@ -140,7 +142,7 @@ class LayerTemplate:
     def layer_entries(self, layers: dict[str, dict]) -> dict[str, dict]:
         """report.json's per-module entries with the template layer's repeated for the
         instantiated layers (in layer order, where the whole capture lists them)."""
-        pattern = layer_pattern(self.layers_path, 1)
+        pattern = layer_pattern(self.layers_path, TEMPLATE)
         template = [k for k in layers if pattern.search(k)]
         grown: dict[str, dict] = {}
         for key, entry in layers.items():
@@ -154,22 +156,22 @@ class LayerTemplate:
     def copies(self) -> LayerCopies:
         """What :func:`~qcompile.lowering.instantiate_layers.instantiate_layers` needs."""
         return LayerCopies(f"{WRAPPER_ATTRIBUTE}.{self.layers_path}", self.count,
-                           self._tensor_for)
+                           self._tensor_for, TEMPLATE)
 
     def _tensor_for(self, value, index: int):
         """Layer ``index``'s tensor for the template's initializer ``value``: a checkpoint
         tensor of that layer, or the template's computation repeated on them."""
         from onnx_ir.tensor_adapters import TorchTensor
 
-        pattern = layer_pattern(self.layers_path, 1)
+        pattern = layer_pattern(self.layers_path, TEMPLATE)
         rename = lambda text: pattern.sub(rf"\g<1>{index}", text)  # noqa: E731
         name = rename(value.name)
         raw = getattr(value.const_value, "raw", None)
         if not isinstance(raw, torch.Tensor):
             raise LayerTemplateError(f"initializer {value.name} is not a torch tensor")
         if is_fake(raw):
-            memo = self._memos.setdefault(index, {})  # one per layer: siblings share calls
-            tensor = self.weights.retarget(raw, self._swap(index), memo, rename)
+            swap, memo = self._retargeting(index)
+            tensor = self.weights.retarget(raw, swap, memo, rename)
         else:
             tensor = self._state.get(name.removeprefix(f"{WRAPPER_ATTRIBUTE}."))
             if tensor is None:
@@ -183,18 +185,23 @@ class LayerTemplate:
         return {**dict(self.model.named_parameters(remove_duplicate=False)),
                 **dict(self.model.named_buffers())}
 
-    def _swap(self, index: int):
-        def tensors(layer):
-            return (*layer.named_parameters(remove_duplicate=False), *layer.named_buffers())
+    def _retargeting(self, index: int) -> tuple:
+        """``(swap, memo)`` for layer ``index``, made once per layer: ``swap`` maps a template
+        layer tensor to this layer's; the one memo lets a linear's codes, scales and zero
+        points share one quantize call."""
+        if index not in self._memos:
+            def tensors(layer):
+                return (*layer.named_parameters(remove_duplicate=False), *layer.named_buffers())
 
-        template = {id(t): n for n, t in tensors(self.layers[1])}
-        target = dict(tensors(self.layers[index]))
+            template = {id(t): n for n, t in tensors(self.layers[TEMPLATE])}
+            target = dict(tensors(self.layers[index]))
 
-        def swap(tensor: torch.Tensor):
-            name = template.get(id(tensor))
-            return None if name is None else target[name]
+            def swap(tensor: torch.Tensor):
+                name = template.get(id(tensor))
+                return None if name is None else target[name]
 
-        return swap
+            self._memos[index] = (swap, {})
+        return self._memos[index]
 
 
 def plan_template(model, recipe, model_type: str, weights: LazyWeights | None) -> LayerTemplate:

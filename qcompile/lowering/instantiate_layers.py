@@ -26,17 +26,15 @@ written wrong.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import re
 from typing import Callable
 
 import onnx_ir as ir
 
+from qcompile.lowering.layer_outputs import node_scopes
+
 __all__ = ["LayerCopies", "LayerTemplateError", "instantiate_layers", "layer_pattern"]
-
-_SCOPES = "pkg.torch.onnx.name_scopes"
-
 
 class LayerTemplateError(ValueError):
     """The exported layers are not copies of one structure (the caller exports them all)."""
@@ -69,9 +67,8 @@ class LayerCopies:
 
 
 def _layer_of(node: ir.Node, scope: str) -> int | None:
-    raw = node.metadata_props.get(_SCOPES)
     prefix = scope + "."
-    for name in ast.literal_eval(raw) if raw else []:
+    for name in node_scopes(node):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             return int(name[len(prefix):])
     return None
@@ -137,12 +134,10 @@ def _layer_output(nodes: list) -> ir.Value:
 
 
 def _check_alike(first: list, template: list, first_input, copies: LayerCopies) -> None:
-    """Layer ``template - 1`` must be the template with its index changed."""
+    """Layer ``template - 1`` must be the template with its index changed (the two hold as
+    many nodes: :func:`_first_layer_input` checked)."""
     ours = _wiring(first, first_input, copies, copies.template - 1)
     theirs = _wiring(template, _layer_output(first), copies, copies.template)
-    if len(ours) != len(theirs):
-        raise LayerTemplateError(f"layer {copies.template - 1} has {len(ours)} nodes, layer "
-                                 f"{copies.template} {len(theirs)}")
     for position, (a, b) in enumerate(zip(ours, theirs)):
         if a != b:
             raise LayerTemplateError(

@@ -19,12 +19,13 @@ import onnx_ir as ir
 
 from qcompile.capture import WRAPPER_ATTRIBUTE
 
-__all__ = ["layer_output_names", "surviving"]
+__all__ = ["layer_output_names", "node_scopes", "surviving"]
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
 
-def _scopes(node: ir.Node) -> list[str]:
+def node_scopes(node: ir.Node) -> list[str]:
+    """The module scopes torch.onnx recorded for ``node``, outermost first."""
     value = node.metadata_props.get(_SCOPES)
     return ast.literal_eval(value) if value else []
 
@@ -34,7 +35,7 @@ def layer_output_names(model: ir.Model, layers_path: str, count: int) -> list[st
     prefixes = {f"{WRAPPER_ATTRIBUTE}.{layers_path}.{i}": i for i in range(count)}
     last: list[str | None] = [None] * count
     for node in model.graph:
-        for scope in _scopes(node):
+        for scope in node_scopes(node):
             if scope in prefixes and node.outputs and node.outputs[0].name:
                 last[prefixes[scope]] = node.outputs[0].name
     return last
