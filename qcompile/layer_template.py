@@ -1,14 +1,14 @@
-"""Compile a decoder of alike layers by capturing two of them (the streamed compile).
+"""Compile a decoder of alike layers by capturing three of them (the streamed compile).
 
-``torch.export`` (twice: before and after the passes) and ``torch.onnx`` trace every decoder
-layer, though the layers of a decoder are one structure with different weights: at 30 layers
+``torch.export`` (twice: before and after the passes), ``torch.onnx``, its optimizer and ORT's
+fusions walk every decoder layer, though the layers of a decoder are one structure with different weights: at 30 layers
 that fixed cost was most of a small model's compile. When the layers are alike (the same
 module types, parameter shapes and settings; recipe passes that treat every layer alike), the
-compile captures, quantizes and exports the model cut to its first two layers, and
-:mod:`qcompile.lowering.instantiate_layers` copies the second into the remaining ones in the
-ONNX graph. Each copy's weights are the template's computations repeated on that layer's
-checkpoint tensors (:meth:`qcompile.lazy_weights.LazyWeights.retarget`), made real only as the
-bundle is written, as every streamed weight is.
+compile captures, quantizes, exports, optimizes and fuses the model cut to its first three
+layers, and :mod:`qcompile.lowering.instantiate_layers` copies the third into the remaining
+ones in the lowered ONNX graph. Each copy's weights are the template's computations repeated
+on that layer's checkpoint tensors (:meth:`qcompile.lazy_weights.LazyWeights.retarget`; packed
+siblings stacked again), made real only as the bundle is written, as every streamed weight is.
 
 Anything that makes layers differ (per-layer attention kinds such as Gemma's sliding windows,
 layer-specific recipe settings, a pass that calibrates) keeps the whole capture, and
@@ -25,14 +25,16 @@ import torch
 
 from qcompile.capture import WRAPPER_ATTRIBUTE, prepare_for_capture
 from qcompile.hf_adapter import decoder_layers, text_config
-from qcompile.lazy_weights import LazyWeights, is_fake
+from qcompile.lazy_weights import LazyWeight, LazyWeights, is_fake
 from qcompile.lowering.instantiate_layers import LayerCopies, LayerTemplateError, layer_pattern
+from qcompile.lowering.pack_matmul_nbits import StackedTensor
 from qcompile.pass_infra import PassContext
 
 __all__ = ["LayerTemplate", "plan_template"]
 
-#: layers captured: the first and the template, whose structures are compared
-CAPTURED = 2
+#: layers captured: the first (which fusions make unlike the others), the one compared with
+#: the template, and the template
+CAPTURED = 3
 #: the captured layer the others are copied from
 TEMPLATE = CAPTURED - 1
 #: per-layer attributes that name the layer rather than configure it
@@ -89,7 +91,7 @@ def _module_paths(layers_path: str, layers, count: int) -> list[tuple[str, str]]
 
 @dataclasses.dataclass
 class LayerTemplate:
-    """How a streamed compile captures the decoder: two layers instantiated ``count`` times
+    """How a streamed compile captures the decoder: three layers grown to ``count``
     (``reason`` None), or all of them (``reason`` says why)."""
 
     reason: str | None
@@ -114,7 +116,8 @@ class LayerTemplate:
 
     @contextlib.contextmanager
     def cut(self):
-        """The model with only its first two layers (config included) for the capture."""
+        """The model with only its first ``CAPTURED`` layers (config included) for the
+        capture."""
         if not self.used:
             yield
             return
@@ -159,25 +162,32 @@ class LayerTemplate:
                            self._tensor_for, TEMPLATE)
 
     def _tensor_for(self, value, index: int):
-        """Layer ``index``'s tensor for the template's initializer ``value``: a checkpoint
-        tensor of that layer, or the template's computation repeated on them."""
-        from onnx_ir.tensor_adapters import TorchTensor
-
+        """Layer ``index``'s tensor for the template's initializer ``value``: that layer's
+        checkpoint tensor, or the template's computation repeated on them."""
         pattern = layer_pattern(self.layers_path, TEMPLATE)
         rename = lambda text: pattern.sub(rf"\g<1>{index}", text)  # noqa: E731
-        name = rename(value.name)
-        raw = getattr(value.const_value, "raw", None)
-        if not isinstance(raw, torch.Tensor):
-            raise LayerTemplateError(f"initializer {value.name} is not a torch tensor")
-        if is_fake(raw):
+        return self._retargeted(value.const_value, value.name, index, rename)
+
+    def _retargeted(self, tensor, name: str, index: int, rename):
+        import onnx_ir as ir
+        from onnx_ir.tensor_adapters import TorchTensor
+
+        if isinstance(tensor, StackedTensor):  # sibling matmuls packed into one
+            return StackedTensor([self._retargeted(part, part.name, index, rename)
+                                  for part in tensor.parts], rename(name))
+        if isinstance(tensor, LazyWeight):
             swap, memo = self._retargeting(index)
-            tensor = self.weights.retarget(raw, swap, memo, rename)
-        else:
-            tensor = self._state.get(name.removeprefix(f"{WRAPPER_ATTRIBUTE}."))
-            if tensor is None:
-                raise LayerTemplateError(f"no tensor {name} for layer {index}")
-            tensor = tensor.detach()
-        return TorchTensor(tensor, name=name)
+            fake = self.weights.retarget(tensor.fake, swap, memo, rename)
+            return self.weights.lazy_tensor(fake, rename(name))
+        if isinstance(tensor, ir.LazyTensor):
+            raise LayerTemplateError(f"initializer {name} is computed by a lowering step the "
+                                     "copies cannot repeat")
+        own = self._state.get(name.removeprefix(f"{WRAPPER_ATTRIBUTE}."))
+        theirs = self._state.get(rename(name).removeprefix(f"{WRAPPER_ATTRIBUTE}."))
+        if own is None or theirs is None or is_fake(own) or not _same_values(own, tensor):
+            raise LayerTemplateError(f"initializer {name} is not a tensor of the checkpoint "
+                                     "the other layers have their own of")
+        return TorchTensor(theirs.detach(), name=rename(name))
 
     @functools.cached_property
     def _state(self) -> dict[str, torch.Tensor]:
@@ -204,8 +214,19 @@ class LayerTemplate:
         return self._memos[index]
 
 
+def _same_values(state: torch.Tensor, tensor) -> bool:
+    """Whether the graph's ``tensor`` holds the checkpoint's ``state`` unchanged (not a value
+    the optimizer folded from it under the same name)."""
+    raw = getattr(tensor, "raw", None)
+    if not isinstance(raw, torch.Tensor):
+        raw = torch.from_numpy(tensor.numpy().copy())
+    state = state.detach()
+    return raw.shape == state.shape and raw.dtype == state.dtype and torch.equal(raw, state)
+
+
 def plan_template(model, recipe, model_type: str, weights: LazyWeights | None) -> LayerTemplate:
-    """Whether ``model``'s decoder can be captured as two layers (see the module docstring)."""
+    """Whether ``model``'s decoder can be captured as ``CAPTURED`` layers (see the module
+    docstring)."""
     if weights is None:
         return LayerTemplate("the whole model is loaded (not streamed)")
     try:

@@ -32,15 +32,28 @@ import shutil
 import tempfile
 from typing import Callable
 
+import onnx_ir as ir
 import torch
+from onnx_ir.tensor_adapters import from_torch_dtype
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-__all__ = ["LazyWeights", "active", "derive", "is_fake", "materialize"]
+__all__ = ["LazyWeight", "LazyWeights", "active", "derive", "is_fake", "materialize"]
 
 _ACTIVE: contextvars.ContextVar["LazyWeights | None"] = contextvars.ContextVar(
     "qcompile_lazy_weights", default=None)
 #: calls whose results stay cached (a linear's quantize and pack, the q/k/v of a fused pack)
 _CACHED_CALLS = 8
+
+
+class LazyWeight(ir.LazyTensor):
+    """An initializer of the exported graph that is a fake tensor until it is written;
+    ``fake`` is that tensor, so a decoder layer copied in the ONNX graph
+    (:mod:`qcompile.layer_template`) can compute its own from it."""
+
+    def __init__(self, fake: torch.Tensor, produce: Callable, name: str):
+        self.fake = fake
+        super().__init__(produce, dtype=from_torch_dtype(fake.dtype),
+                         shape=ir.Shape(tuple(fake.shape)), name=name)
 
 
 def is_fake(value) -> bool:
@@ -231,23 +244,20 @@ class LazyWeights:
         return _map_tensors(value, self.real)
 
     def to_lazy_tensors(self, model, on_write: Callable[[str, int], None] | None = None) -> int:
-        """Replace each fake initializer of the onnx-ir ``model`` by a ``LazyTensor`` that makes
-        it real when it is written; returns how many were replaced. ``on_write(name, bytes)``
-        is called as each one is produced (progress)."""
-        import onnx_ir as ir
-
+        """Replace each fake initializer of the onnx-ir ``model`` by a :class:`LazyWeight` that
+        makes it real when it is written; returns how many were replaced. ``on_write(name,
+        bytes)`` is called as each one is produced (progress)."""
         replaced = 0
         for value in model.graph.initializers.values():
             raw = getattr(value.const_value, "raw", None)
             if not is_fake(raw):
                 continue
-            value.const_value = ir.LazyTensor(
-                self._numpy_producer(raw, value.name, on_write), dtype=value.const_value.dtype,
-                shape=value.const_value.shape, name=value.name)
+            value.const_value = self.lazy_tensor(raw, value.name, on_write)
             replaced += 1
         return replaced
 
-    def _numpy_producer(self, fake: torch.Tensor, name: str, on_write):
+    def lazy_tensor(self, fake: torch.Tensor, name: str, on_write=None) -> "LazyWeight":
+        """An ONNX tensor that is ``fake`` made real when it is written."""
         from onnx_ir.tensor_adapters import TorchTensor
 
         def produce():
@@ -256,4 +266,4 @@ class LazyWeights:
                 on_write(name, tensor.nbytes)
             return tensor
 
-        return produce
+        return LazyWeight(fake, produce, name)

@@ -1,5 +1,5 @@
-"""The streamed compile's two-layer capture (qcompile.layer_template): a decoder of alike layers
-is captured as two and instantiated to its depth in ONNX. The bundle must compute what the whole
+"""The streamed compile's layer template (qcompile.layer_template): a decoder of alike layers
+is captured, lowered and fused as three and grown to its depth in ONNX. The bundle must compute what the whole
 capture's computes (same weights file byte for byte, same ops, same outputs), and any decoder
 whose layers differ must keep the whole capture, with the reason in report.json."""
 
@@ -18,13 +18,19 @@ from qcompile import compiler, layer_template
 from conftest import _configs
 from test_streaming import _checkpoint
 
-LAYERS = 4
+LAYERS = 6
+
+
+#: every matrix's K a multiple of w4a16-rtn's group of 128, so each linear is a MatMulNBits
+#: (narrower ones are padded per-channel DequantizeLinear, which keeps the whole capture)
+_WIDE = {"gpt2": {"n_embd": 128}}
 
 
 def _deep(arch: str, layers: int = LAYERS, **changes):
     config = _configs()[arch]
     values = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
     values["n_layer" if arch == "gpt2" else "num_hidden_layers"] = layers
+    values.update(_WIDE.get(arch, {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}))
     return type(config)(**{**values, **changes})
 
 
@@ -80,7 +86,7 @@ def test_instantiated_layers_compute_what_the_whole_capture_computes(arch, tmp_p
     # an instantiated linear is quantized once, not once per packed tensor it writes
     assert streamed_calls <= calls["n"], (streamed_calls, calls["n"])
     whole = compile_bundle(str(source), "w4a16-rtn", "ort", tmp_path / "whole", stream="never")
-    assert streamed["graph"]["capture"] == {"kind": "template", "layers_captured": 2,
+    assert streamed["graph"]["capture"] == {"kind": "template", "layers_captured": 3,
                                             "layers": LAYERS}
     assert whole["graph"]["capture"]["kind"] == "whole"
     data = "model.onnx.data"
@@ -88,7 +94,13 @@ def test_instantiated_layers_compute_what_the_whole_capture_computes(arch, tmp_p
     for key in ("layers", "signature"):
         assert streamed[key] == whole[key]
     assert streamed["graph"]["ops"] == whole["graph"]["ops"]
-    assert streamed["graph"]["fusions"] == whole["graph"]["fusions"]
+    # onnxscript's fusions ran on the three captured layers; what is counted on the written
+    # graph is the whole capture's
+    assert streamed["graph"]["fusions_counted_on_layers"] == 3
+    ours, theirs = streamed["graph"]["fusions"], whole["graph"]["fusions"]
+    assert set(ours) == set(theirs)
+    for key in {"GroupQueryAttention", "packed_matmul_nbits"} & set(theirs):
+        assert ours[key] == theirs[key]
     assert len(streamed["graph"]["layer_outputs"]) == LAYERS
     assert json.loads((tmp_path / "streamed" / "genai_config.json").read_text()) == \
         json.loads((tmp_path / "whole" / "genai_config.json").read_text())

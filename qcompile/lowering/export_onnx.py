@@ -2,8 +2,11 @@
 
 ``torch.onnx.export(dynamo=True)`` translates ATen ops with PyTorch's torchlib and the
 ``qcompile::`` ops with the target's translation table; target rewrites then run on the
-onnx-ir model (for ``onnx-qdq``: contrib ops to standard Q/DQ), followed by dead-code and
-unused-initializer cleanup.
+onnx-ir model (for ``onnx-qdq``: contrib ops to standard Q/DQ), then ORT's fusions and the
+packing of sibling matmuls (``ort``), followed by dead-code and unused-initializer cleanup. A
+program captured with fewer layers than the model has (:mod:`qcompile.layer_template`) goes
+through all of that with those layers and is grown to the full depth last
+(:mod:`qcompile.lowering.instantiate_layers`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import pathlib
 import warnings
@@ -23,10 +27,11 @@ from qcompile.bundle.files import DATA_FILE, MODEL_FILE
 from qcompile.capture import ExportSignature
 from qcompile.console import progress_bar
 from qcompile.lazy_weights import LazyWeights
-from qcompile.lowering.instantiate_layers import LayerCopies, instantiate_layers
-from qcompile.lowering.layer_outputs import layer_output_names, surviving
+from qcompile.lowering.instantiate_layers import LayerCopies, instantiate_layers, layer_pattern
+from qcompile.lowering.layer_outputs import grown_layer_outputs, layer_output_names, surviving
 from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
-from qcompile.lowering.pack_matmul_nbits import pack_sibling_matmuls
+from qcompile.lowering.pack_matmul_nbits import (PACKED_METADATA, pack_sibling_matmuls,
+                                                 packed_members)
 from qcompile.lowering.shared_table import share_tied_tables
 from qcompile.targets import Target
 
@@ -37,15 +42,11 @@ STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
 def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int,
-             weights: LazyWeights | None, copies: LayerCopies | None) -> ir.Model:
+             weights: LazyWeights | None) -> ir.Model:
     """torch.onnx's export and then its optimizer (what ``optimize=True`` does), with, in
-    between, the captured layers copied to the decoder's full depth (``copies``, see
-    :mod:`qcompile.lowering.instantiate_layers`) and the fake weights of a streamed compile
-    turned into lazy tensors: the optimizer's constant folding and deduplication read the
-    small ones."""
+    between, the fake weights of a streamed compile turned into lazy tensors: the optimizer's
+    constant folding and deduplication read the small ones."""
     quiet = io.StringIO()
-    captured = (signature if copies is None else dataclasses.replace(
-        signature, cache=dataclasses.replace(signature.cache, num_layers=copies.template + 1)))
     # torch.onnx logs a warning per missing torchvision op and pytree deprecation notices;
     # none concern LLM export, and they bury qcompile's own progress lines
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -56,17 +57,38 @@ def _to_onnx(ep, target: Target, signature: ExportSignature, accuracy_level: int
             dynamo=True,
             opset_version=OPSET,
             custom_translation_table=target.translation_table(accuracy_level),
-            input_names=list(captured.input_names),
-            output_names=list(captured.output_names),
+            input_names=list(signature.input_names),
+            output_names=list(signature.output_names),
             optimize=False,
             verbose=False,
         )
-        if copies is not None:
-            instantiate_layers(program.model, copies)
         if weights is not None:
             weights.to_lazy_tensors(program.model)
         program.optimize()
     return program.model
+
+
+def _captured(signature: ExportSignature, copies: LayerCopies | None) -> ExportSignature:
+    """The signature of the program as captured: ``copies.template + 1`` layers."""
+    if copies is None:
+        return signature
+    return dataclasses.replace(signature, cache=dataclasses.replace(
+        signature.cache, num_layers=copies.template + 1))
+
+
+def _grow(model: ir.Model, copies: LayerCopies, layer_outputs: list) -> list:
+    """Copy the template layer to the decoder's depth (after the fusions and packing, so
+    they ran on the captured layers only); returns every layer's output name."""
+    names = instantiate_layers(model, copies)
+    members = packed_members(model.metadata_props)
+    for packed, parts in list(members.items()):
+        if layer_pattern(copies.scope, copies.template).search(packed):
+            for index in range(copies.template + 1, copies.count):
+                members[copies.rename(packed, index)] = [[copies.rename(m, index), rows]
+                                                        for m, rows in parts]
+    if members:
+        model.metadata_props[PACKED_METADATA] = json.dumps(members)
+    return grown_layer_outputs(layer_outputs, names, copies.count)
 
 
 def name_symbolic_dims(model: ir.Model, dim_names: dict[str, dict[int, str]]) -> None:
@@ -163,24 +185,30 @@ def export_onnx(
     (:mod:`qcompile.lowering.layer_outputs`). ``weights`` (a streamed compile) makes each fake
     weight real as it is written; ``copies`` grows a program captured with fewer layers than
     ``signature`` has to all of them."""
-    model = _to_onnx(ep, target, signature, accuracy_level, weights, copies)
+    model = _to_onnx(ep, target, _captured(signature, copies), accuracy_level, weights)
     name_symbolic_dims(model, signature.onnx_dim_names())
     model = target.rewrite(model)
-    layer_outputs = layer_output_names(model, *layers) if layers else []
+    captured = (layers[0], copies.template + 1) if layers and copies else layers
+    layer_outputs = layer_output_names(model, *captured) if captured else []
     fusions: dict[str, int] = {}
+    packs = 0
     if target.fuse:
         model, fusions = fuse_for_ort(model)
+        model, packs = pack_sibling_matmuls(model)
+    if copies is not None:
+        layer_outputs = _grow(model, copies, layer_outputs)
+    if packs:
+        fusions["packed_matmul_nbits"] = len(packed_members(model.metadata_props))
     # lowered directly from qcompile::group_query_attention, not by a rewrite rule
     attention = op_counts(model).get("com.microsoft::GroupQueryAttention", 0)
     if attention:
         fusions = {"GroupQueryAttention": attention, **fusions}
-    if target.fuse:
-        model, packs = pack_sibling_matmuls(model)
-        fusions.update({"packed_matmul_nbits": packs} if packs else {})
     model = _cleanup(share_tied_tables(model))  # last: constant folding would copy it again
     drop_stack_traces(model)
     model.producer_name = "qcompile"
     sort_initializers(model)
     _save(model, out_dir / MODEL_FILE, weights)
     recorded = {"layer_outputs": surviving(model, layer_outputs)} if layers else {}
+    if copies is not None:  # onnxscript's counts are of the captured layers' graph
+        recorded["fusions_counted_on_layers"] = copies.template + 1
     return {"fusions": fusions, "ops": op_counts(model), **recorded}

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from qcompile.capture import WRAPPER_ATTRIBUTE
 
-__all__ = ["layer_output_names", "node_scopes", "surviving"]
+__all__ = ["grown_layer_outputs", "layer_output_names", "node_scopes", "surviving"]
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
@@ -45,3 +45,23 @@ def surviving(model: ir.Model, names: list[str | None]) -> list[str | None]:
     """``names`` with those no node of ``model`` produces any more replaced by None."""
     produced = {value.name for node in model.graph for value in node.outputs if value.name}
     return [name if name in produced else None for name in names]
+
+
+def grown_layer_outputs(captured: list[str | None], copies: dict[str, list[str]],
+                        count: int) -> list[str | None]:
+    """Every layer's output name once the last of the ``captured`` layers was copied to make
+    ``count`` (``copies``: each template value's name in each copy,
+    :func:`qcompile.lowering.instantiate_layers.instantiate_layers`). Where the fusions moved
+    the layer before's output into the template (the residual sum of a
+    ``SkipSimplifiedLayerNormalization``), copy ``i`` computes layer ``i - 1``'s output and
+    the last layer's stays where the template's was (the final norm); otherwise copy ``i``
+    computes layer ``i``'s."""
+    t = len(captured) - 1
+    before, last = captured[t - 1], captured[t]
+    if before in copies:
+        grown = [*copies[before], last]
+    elif last in copies:
+        grown = [last, *copies[last]]
+    else:
+        grown = [None] * (count - t)
+    return [*captured[:t], *grown]

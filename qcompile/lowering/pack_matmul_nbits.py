@@ -25,7 +25,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["PACKED_METADATA", "pack_sibling_matmuls", "packed_members"]
+__all__ = ["PACKED_METADATA", "StackedTensor", "pack_sibling_matmuls", "packed_members"]
 
 PACKED_METADATA = "qcompile.packed_matmuls"
 _DOMAIN = "com.microsoft"
@@ -62,17 +62,24 @@ def _packed_stem(nodes: list[ir.Node]) -> str:
     return "+".join(names)
 
 
-def _concat(values: list[ir.Value], name: str) -> ir.Value:
+class StackedTensor(ir.LazyTensor):
     """The members' tensors stacked along N, computed when written (a streamed compile's
-    members are lazy: reading them here would hold every packed weight at once)."""
-    tensors = [v.const_value for v in values]
-    shape = ir.Shape([sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]])
+    members are lazy: reading them here would hold every packed weight at once). ``parts``
+    are the members' tensors, so a decoder layer copied from this one
+    (:mod:`qcompile.lowering.instantiate_layers`) stacks its own members the same way."""
 
-    def stacked() -> ir.Tensor:
-        return ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=0), name=name)
+    def __init__(self, parts: list, name: str):
+        self.parts = list(parts)
+        shape = ir.Shape([sum(t.shape[0] for t in parts), *parts[0].shape[1:]])
+        super().__init__(self._stacked, dtype=parts[0].dtype, shape=shape, name=name)
 
-    lazy = ir.LazyTensor(stacked, dtype=tensors[0].dtype, shape=shape, name=name)
-    return ir.Value(name=name, const_value=lazy)
+    def _stacked(self) -> ir.Tensor:
+        return ir.tensor(np.concatenate([t.numpy() for t in self.parts], axis=0),
+                         name=self.name)
+
+
+def _concat(values: list[ir.Value], name: str) -> ir.Value:
+    return ir.Value(name=name, const_value=StackedTensor([v.const_value for v in values], name))
 
 
 def _packed_node(nodes: list[ir.Node], graph: ir.Graph) -> ir.Node:
@@ -109,6 +116,16 @@ def _attention_consumer(nodes: list[ir.Node]) -> ir.Node | None:
     return node if [c.idx for c in consumers] == [_QUERY, _KEY, _VALUE] else None
 
 
+def _split_sizes(graph: ir.Graph, rows: list[int]) -> ir.Value:
+    """One initializer per distinct split, named by its sizes: every layer's gate / up split
+    reads the same one (and a decoder layer copied in the graph shares it)."""
+    name = "split_sizes." + "_".join(map(str, rows))
+    if name not in graph.initializers:
+        graph.register_initializer(ir.Value(
+            name=name, const_value=ir.tensor(np.array(rows, dtype=np.int64))))
+    return graph.initializers[name]
+
+
 def _rewire(nodes: list[ir.Node], packed: ir.Node, graph: ir.Graph) -> None:
     attention = _attention_consumer(nodes)
     if attention is not None:
@@ -116,13 +133,11 @@ def _rewire(nodes: list[ir.Node], packed: ir.Node, graph: ir.Graph) -> None:
         attention.replace_input_with(_KEY, None)
         attention.replace_input_with(_VALUE, None)
     else:
-        rows = [int(n.attributes["N"].value) for n in nodes]
-        split_sizes = ir.Value(name=f"{packed.name}/split_sizes",
-                               const_value=ir.tensor(np.array(rows, dtype=np.int64)))
-        graph.register_initializer(split_sizes)
+        split_sizes = _split_sizes(graph, [int(n.attributes["N"].value) for n in nodes])
         split = ir.Node("", "Split", [packed.outputs[0], split_sizes],
                         [ir.AttrInt64("axis", -1)], num_outputs=len(nodes),
-                        name=f"{packed.name}/Split")
+                        name=f"{packed.name}/Split",
+                        metadata_props=dict(packed.metadata_props))  # the layer's scope
         graph.insert_after(packed, split)
         for node, output in zip(nodes, split.outputs):
             output.shape, output.type = node.outputs[0].shape, node.outputs[0].type

@@ -99,7 +99,11 @@ def matmul_weight_dq(graph: ir.Graph, name: str, codes, zeros, scales, block_siz
 
 def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node]) -> None:
     """Put ``new_nodes`` where ``old`` was; the last one's output takes over ``old``'s output
-    (name, type, shape and every use, graph outputs included)."""
+    (name, type, shape and every use, graph outputs included), and each new node ``old``'s
+    metadata (its module scope: which decoder layer it belongs to)."""
+    for node in new_nodes:
+        node.metadata_props.update({k: v for k, v in old.metadata_props.items()
+                                    if k not in node.metadata_props})
     graph.insert_before(old, new_nodes)
     old_name = old.outputs[0].name
     new_nodes[-1].outputs[0].type = old.outputs[0].type
