@@ -116,14 +116,22 @@ def _has_nan(weight: torch.Tensor) -> bool:
     return not isinstance(weight, FakeTensor) and bool(torch.isnan(weight).any())
 
 
-def grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def grouped(weight: torch.Tensor, group_size: int,
+            ranges_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[N, K]`` to ``[N, blocks, group]`` (NaN-padded) and the matching validity mask; the
-    mask is None when every element is valid (no padding, no NaN), which spares the copies."""
+    mask is None when every element is valid (no padding, no NaN), which spares the copies.
+    ``ranges_only`` (the caller reads only each group's min / max): a short last group is
+    padded with its own last value instead, which leaves its range as it is and needs no
+    mask (three passes over the weight fewer)."""
     n, k = weight.shape
     blocks = math.ceil(k / group_size)
     pad = blocks * group_size - k
-    if pad == 0 and not _has_nan(weight):
+    has_nan = _has_nan(weight)
+    if pad == 0 and not has_nan:
         return weight.reshape(n, blocks, group_size), None
+    if ranges_only and not has_nan:
+        edge = weight[:, -1:].expand(n, pad)
+        return torch.cat([weight, edge], dim=1).reshape(n, blocks, group_size), None
     w = torch.nn.functional.pad(weight, (0, pad), value=float("nan"))
     w = w.reshape(n, blocks, group_size)
     return w, ~torch.isnan(w)
@@ -153,7 +161,7 @@ def quantize(weight: torch.Tensor, fmt: QuantFormat, fit: Callable | None = None
             zeros.T.contiguous()
     weight = weight.detach().to(torch.float32)
     n, k = weight.shape
-    w, mask = grouped(weight, fmt.block_size)
+    w, mask = grouped(weight, fmt.block_size, ranges_only=fit is None)
     if fit is None:
         scale, zero = fit_group_params(*group_ranges(w, mask), fmt.bits, fmt.symmetric)
     else:
