@@ -23,6 +23,7 @@ Outside a streamed compile nothing here is active: :func:`derive` calls the func
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -30,6 +31,7 @@ import itertools
 import pathlib
 import shutil
 import tempfile
+import threading
 from typing import Callable
 
 import onnx_ir as ir
@@ -139,6 +141,7 @@ class LazyWeights:
         self._derived: dict[int, tuple] = {}
         self._keep: list = []  # the fake tensors, so their ids stay theirs
         self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
         self._calls = itertools.count()
         self._spills = itertools.count()
         self._spill_dir: pathlib.Path | None = None
@@ -216,14 +219,27 @@ class LazyWeights:
         return leaves[index]
 
     def _call(self, call: int, fn: Callable, args: tuple, kwargs: dict) -> list:
-        if call in self._cache:
+        """The leaves of one recorded call, computed once for the siblings that ask for them
+        close together, also from two threads (the bundle writes one weight while the next
+        is made, :mod:`qcompile.lowering.write_ahead`): the second asker waits for the
+        first's result."""
+        with self._lock:
+            pending = self._cache.get(call)
+            owner = pending is None
+            if owner:
+                pending = self._cache[call] = concurrent.futures.Future()
             self._cache.move_to_end(call)
-            return self._cache[call]
-        leaves = _leaves(fn(*self.realize(args), **self.realize(kwargs)))
-        self._cache[call] = leaves
-        while len(self._cache) > _CACHED_CALLS:
-            self._cache.popitem(last=False)
-        return leaves
+            while len(self._cache) > _CACHED_CALLS:
+                self._cache.popitem(last=False)
+        if owner:
+            try:
+                pending.set_result(_leaves(fn(*self.realize(args), **self.realize(kwargs))))
+            except BaseException as exc:
+                pending.set_exception(exc)
+                with self._lock:
+                    self._cache.pop(call, None)
+                raise
+        return pending.result()
 
     def real(self, tensor: torch.Tensor) -> torch.Tensor:
         """The real value of ``tensor`` (itself when it is not fake)."""

@@ -33,6 +33,7 @@ from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
 from qcompile.lowering.pack_matmul_nbits import (PACKED_METADATA, pack_sibling_matmuls,
                                                  packed_members)
 from qcompile.lowering.shared_table import share_tied_tables
+from qcompile.lowering.write_ahead import WriteAhead
 from qcompile.targets import Target
 
 __all__ = ["export_onnx", "OPSET"]
@@ -152,21 +153,11 @@ def _save(model: ir.Model, path: pathlib.Path, weights: LazyWeights | None) -> N
     lazy = [v for v in model.graph.initializers.values()
             if isinstance(v.const_value, ir.LazyTensor)]
     bar, task = progress_bar("reading, quantizing and writing weights", len(lazy))
-    with bar:
-        for value in lazy:
-            value.const_value = _advancing(value.const_value, lambda: bar.advance(task))
+    with bar, WriteAhead([v.const_value for v in lazy],
+                         on_made=lambda: bar.advance(task)) as ahead:
+        for value, tensor in zip(lazy, ahead.tensors):
+            value.const_value = tensor
         ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
-
-
-def _advancing(tensor: ir.LazyTensor, advance) -> ir.LazyTensor:
-    make = tensor.raw  # a LazyTensor's raw value is its function
-
-    def produce():
-        value = make()
-        advance()
-        return value
-
-    return ir.LazyTensor(produce, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
 
 
 def export_onnx(
