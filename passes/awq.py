@@ -14,14 +14,8 @@ import dataclasses
 
 import torch
 
-from qcompile.algorithms.awq import (
-    apply_scale,
-    expand,
-    scaling_groups,
-    scaling_layout,
-    search_clip,
-    search_scale,
-)
+from qcompile.algorithms.awq import search_clip, search_scale
+from qcompile.algorithms.scale_folding import apply_scale, expand, scaling_groups, scaling_layout
 from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob

@@ -149,7 +149,7 @@ def test_awq_scales_fold_exactly(arch):
     """Every scaling group of the architecture's layout is found in every block, and folding
     random scales into all of them leaves the model's logits unchanged (Gemma's and Nemotron's
     ``1 + w`` norms included; a name in the wrong place would change them)."""
-    from qcompile.algorithms.awq import apply_scale, scaling_groups, scaling_layout
+    from qcompile.algorithms.scale_folding import apply_scale, scaling_groups, scaling_layout
     from qcompile.capture import prepare_for_capture
     from qcompile.hf_adapter import decoder_layers
 
@@ -174,7 +174,7 @@ def test_awq_scales_fold_exactly(arch):
 def test_awq_refuses_a_model_type_without_a_layout():
     from types import SimpleNamespace
 
-    from qcompile.algorithms.awq import scaling_layout
+    from qcompile.algorithms.scale_folding import scaling_layout
 
     with pytest.raises(QcompileError, match="no scaling layout for model type 'exotic'"):
         scaling_layout(SimpleNamespace(model_type="exotic"))

@@ -20,7 +20,8 @@ from conftest import _configs
 from qcompile.passes.gptq import GPTQBlocks, GPTQOptions
 from qcompile.runtimes.ladder import verify_bundle
 
-from qcompile.algorithms.awq import apply_scale, scaling_groups, search_clip, search_scale
+from qcompile.algorithms.awq import search_clip, search_scale
+from qcompile.algorithms.scale_folding import apply_scale, scaling_groups
 from qcompile.algorithms.gptq import HessianAccumulator, gptq_quantize
 from qcompile.calibration.engine import BlockAlgorithm, run_block_calibration
 from qcompile.calibration.record import RECORD_FILE, CalibrationRecord, load_record, save_record
@@ -120,7 +121,7 @@ def test_awq_folding_leaves_the_float_block_unchanged(arch):
 
 
 def test_awq_scale_search_helps_on_an_outlier_channel_and_never_loses_to_rtn():
-    from qcompile.algorithms.awq import ScalingGroup
+    from qcompile.algorithms.scale_folding import ScalingGroup
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 128, generator=g)
