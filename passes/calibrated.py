@@ -32,7 +32,8 @@ from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
 from .weight_steps import fake_quantize_weights, weight_spec
 
-__all__ = ["CalibrationFields", "block_spec", "quantize_calibrated"]
+__all__ = ["CalibrationFields", "apply_float_updates", "block_spec", "calibrate_or_replay",
+           "quantize_calibrated"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +60,8 @@ def quantize_calibrated(gm: torch.fx.GraphModule, context, method: str, options,
                         algorithm: BlockAlgorithm) -> PassResult:
     """Calibrate with ``algorithm`` (or replay the record already in ``context``), write its
     float updates into ``gm`` and fake-quantize every weight with its integer results."""
-    record = _calibrate_or_replay(context, method, options, algorithm)
-    _apply_float_updates(gm, record.float_updates)
+    record = calibrate_or_replay(context, method, options, algorithm)
+    apply_float_updates(gm, record.float_updates)
     fake_quantize_weights(gm, context, options, _precomputed_or_rtn(method, record.qweights))
     for path, note in record.notes.items():
         if path in context.layers:
@@ -68,8 +69,13 @@ def quantize_calibrated(gm: torch.fx.GraphModule, context, method: str, options,
     return PassResult(gm, True)
 
 
-def _calibrate_or_replay(context, method: str, options,
+def calibrate_or_replay(context, method: str, options,
                          algorithm: BlockAlgorithm) -> CalibrationRecord:
+    earlier = context.calibration.get("algorithm")
+    if earlier is not None and earlier != method:
+        raise QcompileError(f"the recipe runs two calibrated passes ({earlier}, then {method}); "
+                            "a bundle holds one calibration record",
+                            f"keep one of {earlier} and {method} in the recipe")
     record = context.calibrated
     if record is None:
         record = _calibrate(context, method, options, algorithm)
@@ -109,7 +115,7 @@ def _calibrate(context, method: str, options, algorithm: BlockAlgorithm) -> Cali
                              algorithm.layer_notes())
 
 
-def _apply_float_updates(gm: torch.fx.GraphModule, updates: dict) -> None:
+def apply_float_updates(gm: torch.fx.GraphModule, updates: dict) -> None:
     for name, value in updates.items():
         target = f"{WRAPPER_ATTRIBUTE}.{name}"
         current = get_tensor(gm, target)

@@ -120,7 +120,8 @@ def fake_quantize_weights(gm: torch.fx.GraphModule, context, options,
     for node, path, role in weight_nodes(gm, context.model):
         spec = weight_spec(options, path, role)
         if spec is None:
-            context.layers[path] = {"role": role, "format": "float32"}
+            context.layers[path] = {**context.layers.get(path, {}), "role": role,
+                                    "format": "float32"}
             continue
         _fake_quantize(gm, node, path, role, spec, quantize, context.layers, shared)
     gm.recompile()
@@ -156,7 +157,8 @@ def _fake_quantize(gm, node, path: str, role: str, spec: WeightQuantSpec, quanti
         fake = gm.graph.get_attr(target)
     node.replace_input_with(weight_node, fake)
     node.meta[QWEIGHT_META] = qweight
-    layers[path] = {
+    layers[path] = {  # notes of the passes before (SmoothQuant's alpha) are kept
+        **layers.get(path, {}),
         "role": role,
         "format": spec.describe() + (" per-IC" if qweight.per_ic else ""),
         "shape": list(weight.shape),

@@ -1,0 +1,121 @@
+"""``smoothquant``: SmoothQuant's per-channel scales, folded exactly into norms and linears.
+
+See :mod:`qcompile.algorithms.smoothquant` for the math. Per decoder block, one pass over the
+calibration batches records each scaling group's input maximum per channel (and a token
+sample when ``alpha`` is searched); each group's scale is then folded into its producer and
+its linears (:func:`~qcompile.algorithms.scale_folding.apply_scale`). The pass quantizes
+nothing: the graph computes what it did, with activations whose outliers moved into the
+weights, which a later weight pass and activation quantization quantize. Its ladder stage
+is ``exact``: ``verify`` checks the smoothed float model against the one before it to
+float precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.fx.passes.infra.pass_base import PassResult
+
+from qcompile.algorithms.scale_folding import apply_scale, expand, scaling_groups, scaling_layout
+from qcompile.algorithms.smoothquant import search_alpha, smoothing_scale
+from qcompile.calibration.engine import BlockAlgorithm, BlockJob
+from qcompile.errors import QcompileError
+from qcompile.pass_infra import QPass, compose_options, register_pass
+
+from .calibrated import CalibrationFields, apply_float_updates, calibrate_or_replay
+
+__all__ = ["SmoothQuant", "SmoothQuantFields", "SmoothQuantOptions", "SmoothQuantBlocks"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuantFields:
+    """The migration strength: a number in [0, 1], or ``search`` (per scaling group, on
+    the int8 output error of ``search_tokens`` calibration tokens over ``grid`` steps)."""
+
+    alpha: float | None = None
+    grid: int = 20
+    search_tokens: int = 2048
+
+    def validate(self, where: str) -> None:
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise QcompileError(f"{where}.alpha = {self.alpha} is outside [0, 1]",
+                                "give a migration strength in [0, 1] (0.5 is the paper's "
+                                "default), or leave it out to search it per layer group")
+        if self.grid < 1 or self.search_tokens < 16:
+            raise QcompileError(f"{where}: grid >= 1 and search_tokens >= 16 are required",
+                                "the defaults are grid 20, search_tokens 2048")
+
+
+SmoothQuantOptions = compose_options("SmoothQuantOptions", CalibrationFields, SmoothQuantFields,
+                                     doc="Calibration and SmoothQuant's migration strength.")
+
+
+class _InputStats:
+    """Maximum ``|x|`` per input channel over all tokens, and an evenly strided sample."""
+
+    def __init__(self, stride: int):
+        self.stride, self.abs_max, self.rows = stride, None, []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().to("cpu", torch.float32)
+        top = x.abs().amax(0)
+        self.abs_max = top if self.abs_max is None else torch.maximum(self.abs_max, top)
+        self.rows.append(x[:: self.stride])
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.abs_max, torch.cat(self.rows)
+
+
+class SmoothQuantBlocks(BlockAlgorithm):
+    label = "SmoothQuant"
+
+    def __init__(self, options, config):
+        self.options, self.config = options, config
+        self.alphas: dict[str, float] = {}
+
+    def _statistics(self, job: BlockJob, names: list[str]) -> dict:
+        tokens = sum(x.shape[0] * x.shape[1] for x in job.inputs)
+        stats = {n: _InputStats(max(1, tokens // self.options.search_tokens)) for n in names}
+        job.progress("input maxima")
+        job.observe_inputs(names, lambda name, x: stats[name].add(x))
+        return {name: s.finish() for name, s in stats.items()}
+
+    def process(self, job: BlockJob) -> None:
+        modules = dict(job.block.named_modules())
+        groups = scaling_groups(job.block, self.config, "smoothquant")
+        stats = self._statistics(job, [g.linears[0] for g in groups])
+        for group in groups:
+            job.progress(f"smoothing {group.producer} -> {', '.join(group.linears)}")
+            abs_max, sample = stats[group.linears[0]]
+            weights = [modules[n].weight.detach().cpu().float() for n in group.linears]
+            if self.options.alpha is None:
+                scale, alpha, _ = search_alpha(abs_max, sample, weights, group,
+                                               self.options.grid)
+            else:
+                alpha = self.options.alpha
+                scale = smoothing_scale(abs_max, weights, alpha, group)
+            apply_scale(modules[group.producer], [modules[n] for n in group.linears],
+                        scale.to(job.device), group)
+            for name in group.linears:
+                self.alphas[job.path(name)] = alpha
+
+    def layer_notes(self) -> dict[str, dict]:
+        return {path: {"smoothquant_alpha": alpha} for path, alpha in self.alphas.items()}
+
+
+@register_pass
+class SmoothQuant(QPass):
+    name = "smoothquant"
+    Options = SmoothQuantOptions
+    ladder_stage = "smoothed"
+    ladder_check = "exact"  # an equivalent transform: the float model is unchanged
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        scaling_layout(self.context.config, self.name)  # no layout: refused before calibrating
+        algorithm = SmoothQuantBlocks(self.options, self.context.config)
+        record = calibrate_or_replay(self.context, self.name, self.options, algorithm)
+        apply_float_updates(graph_module, record.float_updates)
+        for path, note in record.notes.items():
+            self.context.layers.setdefault(path, {}).update(note)
+        return PassResult(graph_module, True)
