@@ -130,7 +130,7 @@ def test_layers_of_two_kinds_keep_the_whole_capture(tmp_path):
 
 def test_layers_the_modules_call_alike_but_export_differently_are_caught(tmp_path, monkeypatch):
     """Hide the sliding / global difference from the module checks: the ONNX comparison of
-    layer 0 with layer 1 still finds it, and the compile falls back to the whole capture."""
+    layer 1 with layer 2 still finds it, and the compile falls back to the whole capture."""
     monkeypatch.setattr(layer_template, "_config_reason", lambda model: None)
     monkeypatch.setattr(layer_template, "_layers_reason", lambda layers: None)
     kinds = ["sliding_attention", "full_attention"] * (LAYERS // 2)
@@ -145,3 +145,25 @@ def test_two_layer_decoders_are_captured_whole(tiny_model_dir, tmp_path):
     report = compile_bundle(str(tiny_model_dir()), "w4a16-rtn", "ort", tmp_path / "b",
                             stream="always")
     assert report["graph"]["capture"] == {"kind": "whole", "reason": "the decoder has 2 layers"}
+
+
+def test_a_lowered_node_that_belongs_to_no_layer_keeps_the_whole_capture(tmp_path, monkeypatch):
+    """A rewrite that made a layer's nodes without module scopes (here: the SiLU's Sigmoid and
+    Mul stripped after packing): the copies could not include them, so the compile falls back
+    to the whole capture, which computes the same outputs."""
+    from qcompile.lowering import export_onnx
+
+    pack = export_onnx.pack_sibling_matmuls
+
+    def pack_and_strip(model):
+        model, packs = pack(model)
+        for node in model.graph:
+            if node.op_type in ("Sigmoid", "Mul"):
+                node.metadata_props.pop("pkg.torch.onnx.name_scopes", None)
+        return model, packs
+
+    monkeypatch.setattr(export_onnx, "pack_sibling_matmuls", pack_and_strip)
+    streamed, whole = _compile_both(tmp_path, _deep("llama"))
+    assert "belongs to none" in streamed["graph"]["capture"]["reason"], streamed["graph"]
+    for a, b in zip(_outputs(tmp_path / "streamed"), _outputs(tmp_path / "whole")):
+        np.testing.assert_array_equal(a, b)
