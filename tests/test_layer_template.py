@@ -101,7 +101,10 @@ def test_instantiated_layers_compute_what_the_whole_capture_computes(arch, tmp_p
     assert set(ours) == set(theirs)
     for key in {"GroupQueryAttention", "packed_matmul_nbits"} & set(theirs):
         assert ours[key] == theirs[key]
+    # every layer's output is tapped where the whole capture's is (block-wise verify)
     assert len(streamed["graph"]["layer_outputs"]) == LAYERS
+    assert [n is None for n in streamed["graph"]["layer_outputs"]] == \
+        [n is None for n in whole["graph"]["layer_outputs"]]
     assert json.loads((tmp_path / "streamed" / "genai_config.json").read_text()) == \
         json.loads((tmp_path / "whole" / "genai_config.json").read_text())
     ours, theirs = _outputs(tmp_path / "streamed"), _outputs(tmp_path / "whole")
@@ -167,3 +170,16 @@ def test_a_lowered_node_that_belongs_to_no_layer_keeps_the_whole_capture(tmp_pat
     assert "belongs to none" in streamed["graph"]["capture"]["reason"], streamed["graph"]
     for a, b in zip(_outputs(tmp_path / "streamed"), _outputs(tmp_path / "whole")):
         np.testing.assert_array_equal(a, b)
+
+
+def test_grown_layer_outputs_follow_the_value_the_fusions_moved():
+    from qcompile.lowering.layer_outputs import grown_layer_outputs
+
+    # fused: layer 1's output is computed by the template's first node, so copy i computes
+    # layer i - 1's and the last layer's stays the final norm's
+    assert grown_layer_outputs(["a", "b", "c"], {"b": ["b3", "b4"]}, 5) == \
+        ["a", "b", "b3", "b4", "c"]
+    # unfused: copy i computes layer i's
+    assert grown_layer_outputs(["a", "b", "c"], {"c": ["c3", "c4"]}, 5) == \
+        ["a", "b", "c", "c3", "c4"]
+    assert grown_layer_outputs([], {}, 5) == []

@@ -15,6 +15,7 @@ Outside a streamed compile the rewrites pass NumPy arrays and nothing here is de
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -44,15 +45,17 @@ def defer_parts(compute: Callable[[], Sequence[np.ndarray | None]],
     held until every part has been made once, then dropped."""
     held: dict[str, list] = {}
     wanted = [i for i, part in enumerate(parts) if part is not None]
+    lock = threading.Lock()  # parts may be made on two threads (the bundle writes ahead)
 
     def make(index: int) -> np.ndarray:
-        if "arrays" not in held:
-            held["arrays"], held["left"] = list(compute()), set(wanted)
-        array = held["arrays"][index]
-        held["left"].discard(index)
-        if not held["left"]:
-            held.clear()
-        return array
+        with lock:
+            if "arrays" not in held:
+                held["arrays"], held["left"] = list(compute()), set(wanted)
+            array = held["arrays"][index]
+            held["left"].discard(index)
+            if not held["left"]:
+                held.clear()
+            return array
 
     return [None if part is None else Deferred(tuple(part[0]), np.dtype(part[1]),
                                                 lambda i=i: make(i))

@@ -57,6 +57,8 @@ def grown_layer_outputs(captured: list[str | None], copies: dict[str, list[str]]
     the last layer's stays where the template's was (the final norm); otherwise copy ``i``
     computes layer ``i``'s."""
     t = len(captured) - 1
+    if t < 1:  # no layers were named (the decoder's layers path is unknown)
+        return captured
     before, last = captured[t - 1], captured[t]
     if before in copies:
         grown = [*copies[before], last]

@@ -2,10 +2,13 @@
 
 ``ir.save`` asks for one lazy initializer at a time (read from the checkpoint, quantized,
 packed) and writes it, so the compile's largest phase ran on one core: computing a weight,
-then writing it. :class:`WriteAhead` hands each tensor to a worker thread as soon as the one
-``depth`` places before it is asked for, so the worker quantizes (PyTorch releases the
-interpreter lock in its kernels) while the main thread serializes and writes. At most
-``depth + 1`` made tensors are held at once: memory stays a few weights, not the model.
+then writing it. :class:`WriteAhead` hands each tensor to a pool of ``workers`` threads as
+soon as the one ``depth`` places before it is asked for, so the workers quantize (PyTorch
+releases the interpreter lock in its kernels) while the main thread serializes and writes.
+At most ``depth + 1`` made tensors are held at once: memory stays a few weights, not the
+model. Makers may run concurrently: the ones sharing a computation (a linear's codes, scales
+and zero points) share it through :meth:`qcompile.lazy_weights.LazyWeights._call` and
+:func:`qcompile.lowering.deferred.defer_parts`, which wait for one another.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ __all__ = ["WriteAhead"]
 class WriteAhead:
     """Tensors in the order they will be written, each made ``depth`` tensors early."""
 
-    def __init__(self, tensors: list[ir.LazyTensor], depth: int = 2,
+    def __init__(self, tensors: list[ir.LazyTensor], depth: int = 2, workers: int = 2,
                  on_made: Callable[[], None] | None = None):
         self._makers = [t.raw for t in tensors]  # a LazyTensor's raw value is its function
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, "qcompile-weights")
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "qcompile-weights")
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._depth = depth
         self._on_made = on_made
