@@ -19,6 +19,7 @@ from qcompile.algorithms.scale_folding import apply_scale, expand, scaling_group
 from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob
+from qcompile.calibration.observers import linear_input_statistics
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import QPass, compose_options, register_pass
 from qcompile.weight_quantizer import quantize_weight
@@ -53,38 +54,12 @@ AWQOptions = compose_options("AWQOptions", WeightFields, CalibrationFields, AWQF
                              doc="The weight fields, calibration and AWQ's knobs.")
 
 
-class _InputStats:
-    """Mean ``|x|`` per input channel over all tokens, and an evenly strided token sample."""
-
-    def __init__(self, stride: int):
-        self.stride, self.abs_sum, self.count, self.rows = stride, None, 0, []
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().to("cpu", torch.float32)
-        total = x.abs().sum(0)
-        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
-        self.count += x.shape[0]
-        self.rows.append(x[:: self.stride])
-
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.abs_sum / self.count, torch.cat(self.rows)
-
-
 class AWQBlocks(BlockAlgorithm):
     label = "AWQ"
 
     def __init__(self, spec_for, options, config):
         self.spec_for, self.options, self.config = spec_for, options, config
         self.alphas: dict[str, float] = {}
-
-    def _statistics(self, job: BlockJob, names: list[str]) -> dict:
-        tokens = sum(job.inputs[i].shape[0] * job.inputs[i].shape[1]
-                     for i in range(len(job.inputs)))
-        stride = max(1, tokens // self.options.search_tokens)
-        stats = {name: _InputStats(stride) for name in names}
-        job.progress("input statistics")
-        job.observe_inputs(names, lambda name, x: stats[name].add(x))
-        return {name: s.finish() for name, s in stats.items()}
 
     def _scale_groups(self, job: BlockJob, stats: dict) -> None:
         modules = dict(job.block.named_modules())
@@ -109,7 +84,8 @@ class AWQBlocks(BlockAlgorithm):
     def process(self, job: BlockJob) -> None:
         linears = job.linears()
         names = [n for n in linears if self.spec_for(job.path(n)) is not None]
-        stats = self._statistics(job, names)
+        stats = {name: (mean, sample) for name, (mean, _, sample) in
+                 linear_input_statistics(job, names, self.options.search_tokens).items()}
         self._scale_groups(job, stats)
         for name in names:
             linear, spec = linears[name], self.spec_for(job.path(name))

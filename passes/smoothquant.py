@@ -20,6 +20,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from qcompile.algorithms.scale_folding import apply_scale, expand, scaling_groups, scaling_layout
 from qcompile.algorithms.smoothquant import search_alpha, smoothing_scale
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob
+from qcompile.calibration.observers import linear_input_statistics
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import QPass, compose_options, register_pass
 
@@ -51,22 +52,6 @@ SmoothQuantOptions = compose_options("SmoothQuantOptions", CalibrationFields, Sm
                                      doc="Calibration and SmoothQuant's migration strength.")
 
 
-class _InputStats:
-    """Maximum ``|x|`` per input channel over all tokens, and an evenly strided sample."""
-
-    def __init__(self, stride: int):
-        self.stride, self.abs_max, self.rows = stride, None, []
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().to("cpu", torch.float32)
-        top = x.abs().amax(0)
-        self.abs_max = top if self.abs_max is None else torch.maximum(self.abs_max, top)
-        self.rows.append(x[:: self.stride])
-
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.abs_max, torch.cat(self.rows)
-
-
 class SmoothQuantBlocks(BlockAlgorithm):
     label = "SmoothQuant"
 
@@ -74,20 +59,14 @@ class SmoothQuantBlocks(BlockAlgorithm):
         self.options, self.config = options, config
         self.alphas: dict[str, float] = {}
 
-    def _statistics(self, job: BlockJob, names: list[str]) -> dict:
-        tokens = sum(x.shape[0] * x.shape[1] for x in job.inputs)
-        stats = {n: _InputStats(max(1, tokens // self.options.search_tokens)) for n in names}
-        job.progress("input maxima")
-        job.observe_inputs(names, lambda name, x: stats[name].add(x))
-        return {name: s.finish() for name, s in stats.items()}
-
     def process(self, job: BlockJob) -> None:
         modules = dict(job.block.named_modules())
         groups = scaling_groups(job.block, self.config, "smoothquant")
-        stats = self._statistics(job, [g.linears[0] for g in groups])
+        stats = linear_input_statistics(job, [g.linears[0] for g in groups],
+                                        self.options.search_tokens)
         for group in groups:
             job.progress(f"smoothing {group.producer} -> {', '.join(group.linears)}")
-            abs_max, sample = stats[group.linears[0]]
+            _, abs_max, sample = stats[group.linears[0]]
             weights = [modules[n].weight.detach().cpu().float() for n in group.linears]
             if self.options.alpha is None:
                 scale, alpha, _ = search_alpha(abs_max, sample, weights, group,

@@ -138,11 +138,13 @@ def expand(scale: torch.Tensor, group: ScalingGroup) -> torch.Tensor:
     return heads.repeat_interleave(group.repeat, dim=0).reshape(-1)
 
 
-def reduce(per_input: torch.Tensor, group: ScalingGroup) -> torch.Tensor:
-    """Consumer-channel statistics averaged onto producer channels (inverse of expand)."""
+def reduce(per_input: torch.Tensor, group: ScalingGroup,
+           combine=torch.Tensor.mean) -> torch.Tensor:
+    """Consumer-channel statistics combined onto producer channels (inverse of expand):
+    averaged, or ``combine(view, dim)`` (``torch.Tensor.amax`` for maxima)."""
     if group.repeat == 1:
         return per_input
-    return per_input.view(-1, group.repeat, group.head_dim).mean(1).reshape(-1)
+    return combine(per_input.view(-1, group.repeat, group.head_dim), 1).reshape(-1)
 
 
 @torch.no_grad()

@@ -37,14 +37,8 @@ def smoothing_scale(x_abs_max: torch.Tensor, weights: list[torch.Tensor], alpha:
     (``x_abs_max``, per consumer input channel) and the linears' weights ``[N, K]``."""
     w_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
     x_stat = reduce(x_abs_max, group).clamp(min=_FLOOR)
-    w_stat = _reduce_max(w_max, group).clamp(min=_FLOOR)
+    w_stat = reduce(w_max, group, torch.Tensor.amax).clamp(min=_FLOOR)
     return (x_stat.pow(alpha) / w_stat.pow(1 - alpha)).clamp(min=_FLOOR)
-
-
-def _reduce_max(per_input: torch.Tensor, group: ScalingGroup) -> torch.Tensor:
-    if group.repeat == 1:
-        return per_input
-    return per_input.view(-1, group.repeat, group.head_dim).amax(1).reshape(-1)
 
 
 def _int8(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

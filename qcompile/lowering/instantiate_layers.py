@@ -105,12 +105,12 @@ def _find_layers(graph: ir.Graph, scope: str, template: int) -> _Layers:
     for position, node in enumerate(graph):
         found.position[id(node)] = position
         layer = _layer_of(node, scope)
-        if layer is None and _constant_key(node) is None:
+        if layer is None and not _is_constant(node):
             layer = _layer_around(node, scope, found.layer_of)
         if layer in found.nodes:
             found.nodes[layer].append(node)
             found.layer_of[id(node)] = layer
-        elif _constant_key(node) is None:
+        elif not _is_constant(node):
             unscoped.append(node)
     if not all(found.nodes.values()):
         raise LayerTemplateError(f"no nodes of some of layers 0..{template} under {scope}")
@@ -150,8 +150,13 @@ def _layer_around(node: ir.Node, scope: str, layer_of: dict[int, int]) -> int | 
     return around.pop() if len(around) == 1 and None not in around else None
 
 
+def _is_constant(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+
+
 def _constant_key(node: ir.Node | None):
-    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+    """A ``Constant`` node's value, to compare by (None: not a constant)."""
+    if not _is_constant(node):
         return None
     return tuple((a.name, _attr_key(a)) for a in node.attributes.values())
 
@@ -168,7 +173,7 @@ def _attr_key(attr: ir.Attr):
 
 def _body(nodes: list) -> list:
     """A layer's nodes without its ``Constant``s (compared by value, not position)."""
-    return [n for n in nodes if _constant_key(n) is None]
+    return [n for n in nodes if not _is_constant(n)]
 
 
 def _input_key(value: ir.Value | None, index: int, layers: _Layers, place: dict,
@@ -184,7 +189,7 @@ def _input_key(value: ir.Value | None, index: int, layers: _Layers, place: dict,
         return ("inside", place[id(producer)], value.index())
     if producer is not None and id(producer) in previous:
         return ("previous", previous[id(producer)], value.index())
-    if _constant_key(producer) is not None:
+    if _is_constant(producer):
         return ("constant", _constant_key(producer))
     if producer is not None and id(producer) in layers.layer_of:
         raise LayerTemplateError(f"layer {index} reads {value.name} of layer "
