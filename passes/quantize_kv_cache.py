@@ -37,7 +37,7 @@ import torch.utils._pytree as pytree
 from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile import kv_codec, kv_in_attention
-from qcompile.calibration.observers import ChannelRange, calibration_windows
+from qcompile.calibration.observers import ChannelRange, calibration_calls
 from qcompile.calibration.window_runner import run_windows
 from qcompile.capture import CacheEntry, CacheLayout, ExportSignature
 from qcompile.console import progress_bar
@@ -146,11 +146,8 @@ class QuantizeKVCache(QPass):
 
     def _calibrate(self, gm: torch.fx.GraphModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer and tensor (k0, v0, k1, ...): per-(head, channel) min and max."""
-        windows = calibration_windows(self.context, self.options.calibration_windows,
-                                      self.options.calibration_tokens)
-        empty = self.context.signature.cache.empty(1)
-        calls = [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                  "past_key_values": list(empty)} for ids in (w[None, :] for w in windows)]
+        calls = calibration_calls(self.context, self.options.calibration_windows,
+                                  self.options.calibration_tokens)
         observers: list[ChannelRange] = []
         bar, task = progress_bar("calibrating KV-cache channel ranges", len(calls))
         with bar, torch.no_grad():

@@ -23,6 +23,13 @@ checked against. The ``wN`` ops take ONNX Runtime's packed layout
 * ``embedding_wN(ids, packed, scales, zero_points, bits, block_size, embedding_dim)``: a
   quantized embedding table ``[V, D*cbits/8]``, each row packed like a weight row (the block
   size divides D). Maps to ``GatherBlockQuantized``.
+* ``linear_w8a8(x, qweight, weight_scales, weight_zero_points, bias, act_scale, act_zero,
+  symmetric)``: ``x @ W.T + bias`` in integers, W8A8: the input quantized to uint8 codes
+  (:mod:`qcompile.formats.activation`; static ``act_scale`` / ``act_zero``, or per token when
+  they are ``None``), ``qweight`` the weight's uint8 codes as MatMul's ``[K, N]`` with one
+  scale (and zero point; ``None``: 128) per output channel. The integer product is exact; it
+  maps to standard ONNX ``QuantizeLinear`` + ``MatMulInteger`` (u8 x u8) + ``Mul`` on every
+  target.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from __future__ import annotations
 import torch
 
 from qcompile.formats import QuantFormat, get_format
+from qcompile.formats.activation import quantize_codes, token_params
 from qcompile.formats.integer import container_bits, dequantize_codes
 from qcompile.weight_format import (per_ic_container_bits, unpack_codes, unpack_per_ic,
                                     unpack_zero_points)
 
-__all__ = ["dequantize", "linear_wNa16", "linear_wNa16_per_ic", "embedding_wN",
+__all__ = ["dequantize", "linear_wNa16", "linear_wNa16_per_ic", "embedding_wN", "linear_w8a8",
            "dequantize_packed", "dequantize_packed_per_ic"]
 
 
@@ -158,3 +166,35 @@ def embedding_wN(
 @embedding_wN.register_fake
 def _embedding_wN_fake(ids, packed, scales, zero_points, bits, block_size, embedding_dim):
     return scales.new_empty((*ids.shape, embedding_dim))
+
+
+@torch.library.custom_op("qcompile::linear_w8a8", mutates_args=())
+def linear_w8a8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scales: torch.Tensor,
+    weight_zero_points: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    act_zero: torch.Tensor | None,
+    symmetric: bool,
+) -> torch.Tensor:
+    if act_scale is None:
+        scale, zero = token_params(x, symmetric)
+    else:
+        scale, zero = act_scale, act_zero.float()
+    codes = quantize_codes(x, scale, zero)
+    weight_zero = 128.0 if weight_zero_points is None else weight_zero_points.double()
+    # exact: |sum| < 2**53; rounded to float32 once, as ONNX Runtime's int32 -> float Cast
+    product = ((codes.double() - zero.double()) @ (qweight.double() - weight_zero)).float()
+    if act_scale is None:
+        out = product * scale * weight_scales
+    else:
+        out = product * (act_scale * weight_scales)
+    return out if bias is None else out + bias
+
+
+@linear_w8a8.register_fake
+def _linear_w8a8_fake(x, qweight, weight_scales, weight_zero_points, bias, act_scale, act_zero,
+                      symmetric):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))

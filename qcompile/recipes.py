@@ -185,6 +185,31 @@ BUILTIN_RECIPES["w4a16-gptq-g32-qdq"] = {
                          "calibration": {"samples": 32, "seq_len": 512}}},
                "pack_weights"],
 }
+#: W8A8: int8 weights per output channel (symmetric: uint8 codes around 128), int8 inputs of
+#: every decoder linear (qcompile::linear_w8a8, MatMulInteger u8 x u8); the lm_head and the
+#: embedding stay 8-bit weight-only
+_W8_PER_CHANNEL = {"quantize_weights_rtn": {"bits": 8, "group_size": 0, "symmetric": True}}
+_SMOOTHING = {"smoothquant": {"calibration": {"samples": 32, "seq_len": 512}}}
+
+
+def _w8a8(description: str, scaling: str, smooth: bool) -> dict:
+    return {"description": description,
+            "passes": [*([_SMOOTHING] if smooth else []), _W8_PER_CHANNEL,
+                       {"quantize_activations": {"scaling": scaling}}, "pack_weights"]}
+
+
+BUILTIN_RECIPES.update({
+    "w8a8-static": _w8a8("int8 weights per channel, int8 activations per tensor (static, "
+                         "calibrated), integer MatMul", "static-tensor", False),
+    "w8a8-dynamic": _w8a8("int8 weights per channel, int8 activations per token (dynamic), "
+                          "integer MatMul", "dynamic-token", False),
+    "w8a8-smoothquant": _w8a8("SmoothQuant (alpha searched per layer group), int8 weights per "
+                              "channel, int8 activations per tensor (static)", "static-tensor",
+                              True),
+    "w8a8-smoothquant-dynamic": _w8a8("SmoothQuant (alpha searched per layer group), int8 "
+                                      "weights per channel, int8 activations per token",
+                                      "dynamic-token", True),
+})
 #: the recipe each target compiles without ``-r`` (each target names its own)
 DEFAULT_RECIPES = {name: target.default_recipe for name, target in TARGETS.items()}
 DEFAULT_RECIPE = DEFAULT_RECIPES["ort"]

@@ -30,7 +30,8 @@ from qcompile.runtimes.onnx_reference_runner import (MAX_REFERENCE_PARAMETERS, R
                                                       unsupported_ops)
 from qcompile.runtimes.ort_runner import OrtRunner, tempdir, with_extra_outputs
 from qcompile.runtimes.parity import (CLOSE, EXACT, QUALITY, STAGE_TOLERANCES, Tolerance, compare,
-                                      float_compute_tolerance, runtime_tolerance)
+                                      float_compute_tolerance, runtime_tolerance,
+                                      ROUNDING_STAGES)
 from qcompile.runtimes.torch_runner import TorchRunner
 
 __all__ = ["StageOutcome", "verify_bundle", "verification_inputs", "check_codes"]
@@ -83,13 +84,18 @@ def verification_inputs(tokenizer, vocab: int, batch: int = 2, length: int = 48)
     return ids, np.ones_like(ids)
 
 
+def _rounds_activations(stages: Stages) -> bool:
+    """Whether the graph rounds activations (a quantized KV cache, W8A8 linears)."""
+    return bool(ROUNDING_STAGES & set(stages.snapshots))
+
+
 def _float_compute_tolerance(stages: Stages) -> Tolerance:
-    """Float-close, unless a quantized KV cache rounds activations inside the graph."""
-    return float_compute_tolerance("kv-quant" in stages.snapshots)
+    """Float-close, unless the graph rounds activations."""
+    return float_compute_tolerance(_rounds_activations(stages))
 
 
 def _runtime_tolerance(report: dict, stages: Stages, fused: bool) -> Tolerance:
-    return runtime_tolerance(report, "kv-quant" in stages.snapshots, fused)
+    return runtime_tolerance(report, _rounds_activations(stages), fused)
 
 
 class _Ladder:

@@ -29,7 +29,7 @@ import dataclasses
 import numpy as np
 
 __all__ = ["Tolerance", "Comparison", "compare", "STAGE_TOLERANCES", "EXACT", "CLOSE",
-           "INT8_COMPUTE", "QUANTIZED_CACHE", "QUALITY", "float_compute_tolerance",
+           "INT8_COMPUTE", "QUANTIZED_CACHE", "QUALITY", "ROUNDING_STAGES", "float_compute_tolerance",
            "runtime_tolerance"]
 
 
@@ -66,6 +66,9 @@ INT8_COMPUTE = Tolerance("int8-compute", rel_l2=0.05, top1_min=0.90)
 #: float precision (the cache codes themselves are compared separately)
 QUANTIZED_CACHE = Tolerance("quantized-cache", rel_l2=0.05, top1_min=0.90)
 QUALITY = Tolerance("quality")
+#: the stages after which the graph rounds activations (every later stage is held to the
+#: rounded-activation bound instead of float-close)
+ROUNDING_STAGES = frozenset({"kv-quant", "act-quant"})
 #: a pass's ``ladder_check`` -> the tolerance of its torch stage
 STAGE_TOLERANCES = {"quality": QUALITY, "exact": EXACT}
 

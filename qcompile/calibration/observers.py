@@ -6,14 +6,16 @@ saw. The KV-cache pass's per-(head, channel) ranges use :class:`ChannelRange`; A
 SmoothQuant's per-input-channel statistics of a block's linears :class:`InputStatistics`
 (through :func:`linear_input_statistics`); activation quantization, OutlierTune and MiKV take
 the same contract for theirs.
-:func:`calibration_windows` is the text they all calibrate on.
+:func:`calibration_windows` is the text they all calibrate on; :func:`calibration_calls` the
+keyword arguments that run a captured graph over it (one window per call, empty cache).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["ChannelRange", "InputStatistics", "calibration_windows", "linear_input_statistics"]
+__all__ = ["ChannelRange", "InputStatistics", "calibration_calls", "calibration_windows",
+           "linear_input_statistics"]
 
 
 class ChannelRange:
@@ -87,3 +89,12 @@ def calibration_windows(context, windows: int, tokens: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     vocab = int(context.config.vocab_size)
     return torch.randint(0, vocab, (windows, tokens), generator=generator)
+
+
+def calibration_calls(context, windows: int, tokens: int) -> list[dict]:
+    """Keyword arguments of the captured graph (``context.signature``), one call per
+    calibration window of ``tokens`` ids, each from an empty cache."""
+    empty = context.signature.cache.empty(1)
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "past_key_values": list(empty)}
+            for ids in (w[None, :] for w in calibration_windows(context, windows, tokens))]

@@ -49,5 +49,6 @@ def dequantize(codes, scales, zero_points, family, bits, block_size, axis):
 def translation_table(accuracy_level: int) -> dict:
     """``{OpOverload: onnxscript function}``; the level changes nothing in a Q/DQ file."""
     from qcompile import ops  # noqa: F401  (registers the op)
+    from qcompile.lowering.activation_table import activation_translation_table
 
-    return {torch.ops.qcompile.dequantize.default: dequantize}
+    return {torch.ops.qcompile.dequantize.default: dequantize, **activation_translation_table()}

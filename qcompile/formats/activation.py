@@ -1,0 +1,89 @@
+"""Activation codes: the numerical specification of every quantized activation in qcompile.
+
+An activation is quantized to unsigned 8-bit codes with a zero point, ``x ≈ (q - z) * s``::
+
+    q = clamp(round(x / s) + z, 0, 255)          round half to even, as ONNX QuantizeLinear
+
+* ``static-tensor``: one ``(s, z)`` for the whole tensor, calibrated ahead of time from the
+  range an observer saw (:func:`static_params`).
+* ``dynamic-token``: one ``(s, z)`` per token (row), computed from the row itself at run time
+  (:func:`token_params`); the graph carries the same float32 operations, in the same order.
+
+Symmetric scaling centres the codes (``z = 128``, ``s = max|x| / 127``); asymmetric scaling
+spans ``[min(x, 0), max(x, 0)]`` over 255 steps. Codes are unsigned in every form because
+ONNX Runtime's ``u8 x u8`` integer kernels are exact on every x86 CPU (its ``u8 x s8`` kernels
+saturate int16 sums on AVX2 machines without VNNI: ``samples/int8_kernel_probe.py``) and as
+fast as the signed ones; a symmetric weight's codes are unsigned with zero point 128 too
+(:mod:`qcompile.formats.integer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qcompile.errors import QcompileError
+
+__all__ = ["SCALINGS", "ActivationQuantSpec", "CODE_MAX", "MIN_SCALE", "quantize_codes",
+           "static_params", "token_params"]
+
+SCALINGS = ("static-tensor", "dynamic-token")
+CODE_MAX = 255
+_MID = 128
+#: the smallest scale: an all-zero row or tensor quantizes to its zero point instead of NaN
+MIN_SCALE = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationQuantSpec:
+    """How one linear's input is quantized (8-bit codes; the scaling and its symmetry)."""
+
+    scaling: str = "static-tensor"
+    symmetric: bool = True
+    bits: int = 8
+
+    def validate(self, where: str) -> None:
+        if self.scaling not in SCALINGS:
+            raise QcompileError(f"{where}.scaling = {self.scaling!r} is not an activation "
+                                "scaling", f"use one of {', '.join(SCALINGS)}")
+        if self.bits != 8:
+            raise QcompileError(f"{where}.bits = {self.bits}: activations are quantized to "
+                                "8 bits", "use bits: 8")
+
+    @property
+    def dynamic(self) -> bool:
+        return self.scaling == "dynamic-token"
+
+    def describe(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"a{self.bits} {self.scaling} {kind}"
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Float tensor of codes ``clamp(round(x / scale) + zero, 0, 255)`` (float32 math)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, CODE_MAX)
+
+
+def static_params(low: torch.Tensor, high: torch.Tensor,
+                  symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` float32 scalars for the observed range ``[low, high]``."""
+    low, high = torch.clamp(low.float(), max=0), torch.clamp(high.float(), min=0)
+    if symmetric:
+        scale = torch.clamp(torch.maximum(-low, high) / 127, min=MIN_SCALE)
+        return scale, torch.tensor(float(_MID))
+    scale = torch.clamp((high - low) / CODE_MAX, min=MIN_SCALE)
+    return scale, torch.clamp(torch.round(-low / scale), 0, CODE_MAX)
+
+
+def token_params(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` per row of ``x`` (``[..., 1]``), in the operations the ONNX graph
+    runs (``ReduceMax``/``ReduceMin``, ``Div``, ``Max``, ``Round``, ``Clip``)."""
+    if symmetric:
+        peak = torch.amax(torch.abs(x), dim=-1, keepdim=True)
+        scale = torch.clamp(peak / 127, min=MIN_SCALE)
+        return scale, torch.full_like(scale, float(_MID))
+    low = torch.clamp(torch.amin(x, dim=-1, keepdim=True), max=0)
+    high = torch.clamp(torch.amax(x, dim=-1, keepdim=True), min=0)
+    scale = torch.clamp((high - low) / CODE_MAX, min=MIN_SCALE)
+    return scale, torch.clamp(torch.round(-low / scale), 0, CODE_MAX)

@@ -1,0 +1,145 @@
+"""W8A8 (passes/quantize_activations.py, qcompile::linear_w8a8, lowering/activation_table.py).
+
+The op's torch reference is the specification: the ONNX translation must compute the same
+codes and the same float32 results, bit for bit, in ``onnx.reference`` and ONNX Runtime; the
+exported graph must never use ONNX Runtime's ``u8 x s8`` integer kernels (they saturate on AVX2
+CPUs without VNNI); bundles of both scalings verify; bad recipes are refused with the fix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+
+from qcompile import ops  # noqa: F401
+from qcompile.compiler import compile_bundle
+from qcompile.errors import QcompileError
+from qcompile.formats.activation import quantize_codes, static_params, token_params
+from qcompile.lowering.activation_table import activation_translation_table
+from qcompile.runtimes.ladder import verify_bundle
+
+_CALIBRATE = "calibration_windows: 2, calibration_tokens: 64"
+
+
+class _W8A8Linear(torch.nn.Module):
+    def __init__(self, static: bool, symmetric_weights: bool, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        k, n = 48, 24
+        self.register_buffer("qweight", torch.randint(0, 256, (k, n), generator=g,
+                                                      dtype=torch.uint8))
+        self.register_buffer("scales", torch.rand(n, generator=g) * 0.01 + 1e-3)
+        self.register_buffer("bias", torch.randn(n, generator=g))
+        zeros = torch.randint(100, 156, (n,), generator=g, dtype=torch.uint8)
+        self.register_buffer("zeros", None if symmetric_weights else zeros)
+        self.act = None
+        if static:
+            scale, zero = static_params(torch.tensor(-3.0), torch.tensor(2.5), symmetric=False)
+            self.register_buffer("act_scale", scale)
+            self.register_buffer("act_zero", zero.to(torch.uint8))
+            self.act = True
+
+    def forward(self, x):
+        scale = self.act_scale if self.act else None
+        zero = self.act_zero if self.act else None
+        return torch.ops.qcompile.linear_w8a8(x, self.qweight, self.scales, self.zeros,
+                                              self.bias, scale, zero, True)
+
+
+def _export(module: torch.nn.Module, x: torch.Tensor, path) -> onnx.ModelProto:
+    program = torch.export.export(module, (x,))
+    onnx_program = torch.onnx.export(program, (x,), dynamo=True, opset_version=21,
+                                     custom_translation_table=activation_translation_table())
+    onnx_program.save(str(path))
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static-tensor", "dynamic-token"])
+@pytest.mark.parametrize("symmetric_weights", [True, False], ids=["w-sym", "w-asym"])
+def test_onnx_translation_matches_the_torch_reference_bit_for_bit(static, symmetric_weights,
+                                                                 tmp_path):
+    module = _W8A8Linear(static, symmetric_weights)
+    x = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(1)) * 2
+    x[0, 3, 5] = 40.0  # an outlier: clipped by the static range, sets its token's scale
+    want = module(x).numpy()
+    model = _export(module, x, tmp_path / "m.onnx")
+    kinds = {n.op_type for n in model.graph.node}
+    assert "MatMulInteger" in kinds and ("QuantizeLinear" in kinds) == static, kinds
+    feed = {model.graph.input[0].name: x.numpy()}
+    reference = ReferenceEvaluator(model).run(None, feed)[0]
+    runtime = ort.InferenceSession(str(tmp_path / "m.onnx"),
+                                   providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_array_equal(reference, want)
+    np.testing.assert_array_equal(runtime, want)
+
+
+def test_codes_round_half_to_even_and_saturate():
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, 1000.0, -1000.0])
+    codes = quantize_codes(x, torch.tensor(1.0), torch.tensor(128.0))
+    assert codes.tolist() == [128, 130, 130, 128, 255, 0]
+    scale, zero = token_params(torch.tensor([[0.0, 0.0], [-2.54, 1.0]]), symmetric=True)
+    assert scale[0, 0] > 0 and zero.flatten().tolist() == [128, 128]  # an all-zero row
+    assert float(scale[1, 0]) == pytest.approx(0.02)
+
+
+def _recipe(tmp_path, scaling: str, extra: str = "") -> str:
+    path = tmp_path / f"{scaling}.yaml"
+    path.write_text("passes:\n  - quantize_weights_rtn: {bits: 8, group_size: 0, symmetric: true}"
+                    f"\n  - quantize_activations: {{scaling: {scaling}, {_CALIBRATE}{extra}}}\n"
+                    "  - pack_weights\n")
+    return str(path)
+
+
+def _integer_matmuls(bundle) -> list[onnx.NodeProto]:
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    return [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx-qdq"])
+@pytest.mark.parametrize("scaling", ["static-tensor", "dynamic-token"])
+def test_w8a8_bundle_verifies_and_never_multiplies_u8_by_s8(scaling, target, tiny_model_dir,
+                                                           tmp_path):
+    report = compile_bundle(str(tiny_model_dir("llama")), _recipe(tmp_path, scaling), target,
+                            tmp_path / "b")
+    body = {p: v for p, v in report["layers"].items() if "activations" in v}
+    assert len(body) == 2 * 7 and all(scaling in v["activations"] for v in body.values())
+    matmuls = _integer_matmuls(tmp_path / "b")
+    assert len(matmuls) == 14
+    model = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False)
+    weights = {i.name: i for i in model.graph.initializer}
+    for node in matmuls:  # the weight operand is a uint8 initializer: u8 x u8 only
+        assert weights[node.input[1]].data_type == onnx.TensorProto.UINT8, node.input[1]
+    summary = verify_bundle(tmp_path / "b")
+    assert summary["passed"], json.dumps(summary, indent=1)
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert stages["lowered"]["rel_max"] == 0.0  # the integer op is the act-quant stage's own
+    # 14 W8A8 weights and the lm_head (onnx-qdq stores the tied embedding's codes apart)
+    assert summary["integer_codes"]["weights_checked"] == 15 + (target == "onnx-qdq")
+
+
+def test_keep_float_leaves_matching_linears_weight_only(tiny_model_dir, tmp_path):
+    recipe = _recipe(tmp_path, "dynamic-token", ", keep_float: ['*.down_proj']")
+    report = compile_bundle(str(tiny_model_dir("llama")), recipe, "ort", tmp_path / "b")
+    quantized = [p for p, v in report["layers"].items() if "activations" in v]
+    assert len(quantized) == 2 * 6 and not any(p.endswith("down_proj") for p in quantized)
+    assert len(_integer_matmuls(tmp_path / "b")) == 12
+
+
+def test_int4_weights_and_asymmetric_dynamic_scaling_are_refused(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "w4a8.yaml"
+    recipe.write_text("passes:\n  - quantize_weights_rtn: {bits: 4}\n"
+                      "  - quantize_activations: {scaling: dynamic-token}\n  - pack_weights\n")
+    with pytest.raises(QcompileError, match="needs int8 per-channel weights"):
+        compile_bundle(str(tiny_model_dir("llama")), str(recipe), "ort", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(QcompileError, match="dynamic-token scaling is symmetric only"):
+        compile_bundle(str(tiny_model_dir("llama")),
+                       _recipe(tmp_path, "dynamic-token", ", symmetric: false"), "ort",
+                       tmp_path / "y")
+    assert not (tmp_path / "y").exists()
