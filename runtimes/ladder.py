@@ -28,7 +28,8 @@ from qcompile.runtimes.decoder_parity import decode_stage, ladder_verdict
 from qcompile.runtimes.float_noise import float64_logits, float_noise_verdict
 from qcompile.runtimes.onnx_reference_runner import (MAX_REFERENCE_PARAMETERS, ReferenceRunner,
                                                       unsupported_ops)
-from qcompile.runtimes.ort_runner import OrtRunner, tempdir, with_extra_outputs
+from qcompile.runtimes.ort_runner import (OrtRunner, fused_op_counts, tempdir,
+                                          with_extra_outputs)
 from qcompile.runtimes.parity import (CLOSE, EXACT, QUALITY, STAGE_TOLERANCES, Tolerance, compare,
                                       float_compute_tolerance, runtime_tolerance,
                                       ROUNDING_STAGES)
@@ -230,6 +231,14 @@ def _calibration_source(stages: Stages, record) -> str | None:
     return None
 
 
+def _fused_ops(bundle: pathlib.Path, report: dict) -> dict | None:
+    """The ops of the graph ONNX Runtime's optimizer makes of the bundle (None: not ONNX)."""
+    path = model_file(bundle)
+    if path.suffix != ".onnx":
+        return None
+    return fused_op_counts(path, report["target"]["accuracy_level"])
+
+
 def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
     """Run the ladder for ``bundle``; record and return the summary (``passed`` overall)."""
     bundle = pathlib.Path(bundle)
@@ -258,6 +267,7 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
         "stages": [r.as_dict() for r in ladder.results],
         "skipped_stages": skipped,
         "integer_codes": codes,
+        "ort_fused_ops": _fused_ops(bundle, report),
         "calibrated_weights": _calibration_source(stages, record),
     }
     update_report(bundle, "parity", summary)

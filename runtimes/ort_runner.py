@@ -18,7 +18,8 @@ import onnxruntime as ort
 
 from qcompile.runtimes.cache_layout import cache_slots
 
-__all__ = ["OrtRunner", "session_options", "with_extra_outputs", "empty_cache_feeds"]
+__all__ = ["OrtRunner", "session_options", "with_extra_outputs", "empty_cache_feeds",
+           "fused_op_counts"]
 
 
 def session_options(optimized: bool, accuracy_level: int = 0, threads: int = 0):
@@ -96,3 +97,24 @@ def _link_or_copy(source: pathlib.Path, destination: pathlib.Path) -> None:
 def tempdir(near: pathlib.Path) -> tempfile.TemporaryDirectory:
     """A scratch directory on the same filesystem as ``near`` (so hard links work)."""
     return tempfile.TemporaryDirectory(prefix=".qcompile-taps-", dir=near)
+
+
+def fused_op_counts(model_path: pathlib.Path, accuracy_level: int = 0) -> dict[str, int]:
+    """``{"domain::op": count}`` of the graph ONNX Runtime runs after its optimizer (the
+    kernels a fused session uses: e.g. whether Q/DQ pairs became integer MatMuls), read from
+    the optimized model it writes out (initializers to a side file, deleted after)."""
+    options = session_options(True, accuracy_level)
+    with tempfile.TemporaryDirectory(prefix="qcompile-fused-") as workdir:
+        optimized = pathlib.Path(workdir) / "fused.onnx"
+        options.optimized_model_filepath = str(optimized)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "fused.onnx.data")
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+        counts: dict[str, int] = {}
+        for node in graph.node:
+            key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

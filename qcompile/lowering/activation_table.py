@@ -1,63 +1,71 @@
 """W8A8 linears in ONNX: ``qcompile::linear_w8a8`` to standard integer ops, on every target.
 
-Does the following translation (static per-tensor scales; ``s_xw = act_scale * w_scales``)::
+Does the following transformation, in two steps like the per-IC lowering::
 
-    linear_w8a8(x, W_kn, w_s, w_z, b, s, z)
-        -> Cast(MatMulInteger(QuantizeLinear(x, s, z), W_kn, z, w_z)) * s_xw  [+ b]
+    qcompile::linear_w8a8(x, W_kn, w_s, w_z, b, s, z)
+        -> ai.qcompile::LinearW8A8(x, W_kn, w_s, w_z, b, s, z)              (translation table)
+        -> Cast(MatMulInteger(QuantizeLinear(x, s, z), W_kn, z, w_z)) * (s * w_s)  [+ b]
+                                                                 (static, after every fusion)
 
-and, per token (``act_scale`` is None, symmetric)::
+and, per token (``act_scale`` absent, symmetric)::
 
     s_t = Max(ReduceMax(Abs(x), -1) / 127, MIN_SCALE)
     q   = Cast(Clip(Round(x / s_t) + 128, 0, 255), uint8)
         -> Cast(MatMulInteger(q, W_kn, 128, w_z)) * s_t * w_s  [+ b]
 
 in the float32 operations and order of the torch reference (:func:`qcompile.ops.linear_w8a8`),
-so the codes and the integer products are the same bits. Activations and weights are both
-uint8 (symmetric weights: zero point 128): ONNX Runtime's ``u8 x u8`` MLAS kernel is exact on
-every x86 CPU, and on an AVX2 CPU without VNNI (the kernel probe in ``samples/``) about as
-fast as ``u8 x s8``, which saturates there with full-range int8 weights. The lowering never
-emits ``u8 x s8`` (``tests/test_quantize_activations.py`` checks the exported graph).
+so the codes and the integer products are the same bits. The placeholder is expanded only
+after onnxscript's optimizer and ORT fusions ran: their multi-output patterns scan the whole
+graph per candidate, and a dozen nodes per linear made SmolLM2's lowering take 150 s instead
+of 5. Activations and weights are both uint8 (symmetric weights: zero point 128): ONNX
+Runtime's ``u8 x u8`` MLAS kernel is exact on every x86 CPU, and on an AVX2 CPU without VNNI
+(``samples/int8_kernel_probe.py``) about as fast as ``u8 x s8``, which saturates there with
+full-range int8 weights. The lowering never emits ``u8 x s8``.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxscript
 import torch
-from onnxscript import opset21 as op
+from onnx.defs import OpSchema
 
 from qcompile.formats.activation import MIN_SCALE
+from qcompile.lowering.per_ic import FLOAT_TYPES, PLACEHOLDER_DOMAIN, schema_param
+from qcompile.lowering.qdq_graph import attribute, replace_node
 
-__all__ = ["activation_translation_table"]
+__all__ = ["activation_translation_table", "expand_w8a8"]
+
+_OP = "LinearW8A8"
+_INPUTS = ("x", "qweight", "weight_scales", "weight_zero_points", "bias", "act_scale",
+           "act_zero")
 
 
-def _scalar(value, dtype) -> ir.Tensor:
-    return ir.tensor(np.array(value, dtype=dtype))
+def _schema() -> OpSchema:
+    param = schema_param
+    types = {"x": "T1", "qweight": "T2", "weight_scales": "T1", "weight_zero_points": "T2",
+             "bias": "T1", "act_scale": "T1", "act_zero": "T2"}
+    return OpSchema(
+        _OP, PLACEHOLDER_DOMAIN, 1,
+        inputs=[param(n, types[n], optional=n not in ("x", "qweight", "weight_scales"))
+                for n in _INPUTS],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", FLOAT_TYPES, ""), ("T2", ["tensor(uint8)"], "")],
+        attributes=[OpSchema.Attribute("symmetric", OpSchema.AttrType.INT, "", required=True)],
+    )
+
+
+if not onnx.defs.has(_OP, PLACEHOLDER_DOMAIN):
+    onnx.defs.register_schema(_schema())
+_QCOMPILE = onnxscript.values.Opset(PLACEHOLDER_DOMAIN, 1)
 
 
 def linear_w8a8(x, qweight, weight_scales, weight_zero_points, bias, act_scale, act_zero,
                 symmetric):
-    weight_zero = weight_zero_points
-    if weight_zero is None:
-        weight_zero = op.Constant(value=_scalar(128, np.uint8))
-    if act_scale is None:
-        peak = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-        scale = op.Max(op.Div(peak, op.Constant(value=_scalar(127.0, np.float32))),
-                       op.Constant(value=_scalar(MIN_SCALE, np.float32)))
-        shifted = op.Add(op.Round(op.Div(x, scale)), op.Constant(value=_scalar(128.0, np.float32)))
-        codes = op.Cast(op.Clip(shifted, op.Constant(value=_scalar(0.0, np.float32)),
-                                op.Constant(value=_scalar(255.0, np.float32))),
-                        to=ir.DataType.UINT8)
-        zero = op.Constant(value=_scalar(128, np.uint8))
-        product = op.Cast(op.MatMulInteger(codes, qweight, zero, weight_zero),
-                          to=ir.DataType.FLOAT)
-        out = op.Mul(op.Mul(product, scale), weight_scales)
-    else:
-        codes = op.QuantizeLinear(x, act_scale, act_zero)
-        product = op.Cast(op.MatMulInteger(codes, qweight, act_zero, weight_zero),
-                          to=ir.DataType.FLOAT)
-        out = op.Mul(product, op.Mul(act_scale, weight_scales))
-    return out if bias is None else op.Add(out, bias)
+    return _QCOMPILE.LinearW8A8(x, qweight, weight_scales, weight_zero_points, bias, act_scale,
+                                act_zero, symmetric=int(symmetric))
 
 
 def activation_translation_table() -> dict:
@@ -65,3 +73,87 @@ def activation_translation_table() -> dict:
     from qcompile import ops  # noqa: F401  (registers the op)
 
     return {torch.ops.qcompile.linear_w8a8.default: linear_w8a8}
+
+
+class _Scalars:
+    """Scalar constants shared by every expanded linear (one initializer each)."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph, self.values = graph, {}
+
+    def __call__(self, value, dtype) -> ir.Value:
+        key = (float(value), np.dtype(dtype).name)
+        if key not in self.values:
+            name = f"w8a8.{np.dtype(dtype).name}_{value:g}"
+            tensor = ir.tensor(np.array(value, dtype=dtype), name=name)
+            v = ir.Value(name=name, const_value=tensor, shape=ir.Shape([]),
+                         type=ir.TensorType(tensor.dtype))
+            self.graph.register_initializer(v)
+            self.values[key] = v
+        return self.values[key]
+
+
+def _token_codes(x: ir.Value, scalars: _Scalars, name: str) -> list[ir.Node]:
+    """Per-token symmetric scale and uint8 codes of ``x`` (scale: nodes[3], codes: last)."""
+    f32 = np.float32
+    nodes = [ir.node("Abs", [x], name=f"{name}/Abs")]
+    axes = scalars.graph.initializers.get("w8a8.last_axis")
+    if axes is None:
+        axes = ir.Value(name="w8a8.last_axis", const_value=ir.tensor(np.array([-1], np.int64)),
+                        shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
+        scalars.graph.register_initializer(axes)
+    nodes.append(ir.node("ReduceMax", [nodes[-1].outputs[0], axes], {"keepdims": 1},
+                         name=f"{name}/ReduceMax"))
+    nodes.append(ir.node("Div", [nodes[-1].outputs[0], scalars(127.0, f32)], name=f"{name}/Div"))
+    nodes.append(ir.node("Max", [nodes[-1].outputs[0], scalars(MIN_SCALE, f32)],
+                         name=f"{name}/scale"))
+    nodes.append(ir.node("Div", [x, nodes[-1].outputs[0]], name=f"{name}/scaled"))
+    nodes.append(ir.node("Round", [nodes[-1].outputs[0]], name=f"{name}/Round"))
+    nodes.append(ir.node("Add", [nodes[-1].outputs[0], scalars(128.0, f32)], name=f"{name}/shift"))
+    nodes.append(ir.node("Clip", [nodes[-1].outputs[0], scalars(0.0, f32),
+                                  scalars(255.0, f32)], name=f"{name}/Clip"))
+    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.UINT8},
+                         name=f"{name}/codes"))
+    return nodes
+
+
+def _expand(graph: ir.Graph, node: ir.Node, scalars: _Scalars) -> None:
+    inputs = dict(zip(_INPUTS, node.inputs))
+    name = inputs["qweight"].name.removesuffix(".qweight")
+    weight_zero = inputs.get("weight_zero_points") or scalars(128, np.uint8)
+    act_scale = inputs.get("act_scale")
+    if act_scale is None:
+        if not attribute(node, "symmetric"):
+            raise ValueError(f"{name}: per-token activation scales must be symmetric")
+        nodes = _token_codes(inputs["x"], scalars, name)
+        scale, codes, zero = nodes[3].outputs[0], nodes[-1].outputs[0], scalars(128, np.uint8)
+    else:
+        zero = inputs["act_zero"]
+        nodes = [ir.node("QuantizeLinear", [inputs["x"], act_scale, zero], name=f"{name}/Quantize")]
+        codes = nodes[-1].outputs[0]
+    nodes.append(ir.node("MatMulInteger", [codes, inputs["qweight"], zero, weight_zero],
+                         name=f"{name}/MatMulInteger"))
+    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.FLOAT},
+                         name=f"{name}/Cast"))
+    if act_scale is None:
+        nodes.append(ir.node("Mul", [nodes[-1].outputs[0], scale], name=f"{name}/token_scale"))
+        nodes.append(ir.node("Mul", [nodes[-1].outputs[0], inputs["weight_scales"]],
+                             name=f"{name}/weight_scale"))
+    else:
+        both = ir.node("Mul", [act_scale, inputs["weight_scales"]], name=f"{name}/scales")
+        nodes += [both, ir.node("Mul", [nodes[-1].outputs[0], both.outputs[0]],
+                                name=f"{name}/scale")]
+    if inputs.get("bias") is not None:
+        nodes.append(ir.node("Add", [nodes[-1].outputs[0], inputs["bias"]], name=f"{name}/bias"))
+    replace_node(graph, node, nodes)
+
+
+def expand_w8a8(model: ir.Model) -> ir.Model:
+    """Replace every W8A8 placeholder in ``model`` by the standard integer ops above."""
+    scalars = _Scalars(model.graph)
+    for node in list(model.graph):
+        if node.domain == PLACEHOLDER_DOMAIN and node.op_type == _OP:
+            _expand(model.graph, node, scalars)
+    if not any(node.domain == PLACEHOLDER_DOMAIN for node in model.graph):
+        model.opset_imports.pop(PLACEHOLDER_DOMAIN, None)
+    return model

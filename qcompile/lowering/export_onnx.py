@@ -29,6 +29,7 @@ from qcompile.console import progress_bar
 from qcompile.lazy_weights import LazyWeights
 from qcompile.lowering.instantiate_layers import LayerCopies, instantiate_layers, layer_pattern
 from qcompile.lowering.layer_outputs import grown_layer_outputs, layer_output_names, surviving
+from qcompile.lowering.activation_table import expand_w8a8
 from qcompile.lowering.ort_fusions import fuse_for_ort, op_counts
 from qcompile.lowering.pack_matmul_nbits import (PACKED_METADATA, pack_sibling_matmuls,
                                                  packed_members)
@@ -194,6 +195,7 @@ def export_onnx(
     attention = op_counts(model).get("com.microsoft::GroupQueryAttention", 0)
     if attention:
         fusions = {"GroupQueryAttention": attention, **fusions}
+    model = expand_w8a8(model)  # after the fusions: see activation_table
     model = _cleanup(share_tied_tables(model))  # last: constant folding would copy it again
     drop_stack_traces(model)
     model.producer_name = "qcompile"
