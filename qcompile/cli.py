@@ -177,18 +177,46 @@ def eval_(bundle, text, windows, seq_len, source, reference) -> None:
 @click.option("--symmetric", is_flag=True)
 @click.option("--lm-head-bits", default="8", show_default=True, type=click.Choice(["8", "4",
               "float"]), help="how the lm_head is quantized (ours: 8-bit per channel)")
-@click.option("--samples", default=128, show_default=True, type=click.IntRange(1),
-              help="gptq: calibration windows (the same default text as ours)")
+@click.option("--samples", type=click.IntRange(1),
+              help="gptq / static: calibration windows of the default text, as ours  "
+              "[default: 128 for gptq, 16 for static]")
 @click.option("--seq-len", default=512, show_default=True, type=click.IntRange(8))
+@click.option("--method", default="matmul-nbits", show_default=True,
+              type=click.Choice(["matmul-nbits", "static", "static-smoothquant", "dynamic"]),
+              help="ORT's weight-only matmul_nbits_quantizer, or its W8A8 quantize_static "
+              "(QDQ, MinMax), with SmoothQuant, or quantize_dynamic")
+@click.option("--activation-type", type=click.Choice(["u8", "s8"]),
+              help="static: activation type  [default: u8]")
+@click.option("--reduce-range/--full-range", default=None,
+              help="W8A8: 7-bit weights (ORT's advice for x86 without VNNI)  [default: reduce]")
+@click.option("--smoothquant-alpha", type=float, help="static-smoothquant  [default: 0.5]")
 @click.option("--force", is_flag=True)
-def peer(fp32_bundle, output, algo, bits, block_size, symmetric, lm_head_bits, samples, seq_len,
-         force) -> None:
-    """Quantize an fp32 bundle with ONNX Runtime's matmul_nbits_quantizer (peer baseline)."""
-    from qcompile.runtimes.peer_ort_quantizer import quantize_with_ort
-
+@click.pass_context
+def peer(ctx, fp32_bundle, output, algo, bits, block_size, symmetric, lm_head_bits, samples,
+         seq_len, method, activation_type, reduce_range, smoothquant_alpha, force) -> None:
+    """Quantize an fp32 bundle with ONNX Runtime's own quantizers (peer baseline)."""
     head = None if lm_head_bits == "float" else int(lm_head_bits)
-    report = quantize_with_ort(fp32_bundle, output, algo, int(bits), block_size, symmetric,
-                               head, force, samples, seq_len)
+    given = {name for name in ("algo", "bits", "block_size", "symmetric", "activation_type",
+                               "reduce_range", "smoothquant_alpha")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    wrong = given & ({"activation_type", "reduce_range", "smoothquant_alpha"}
+                     if method == "matmul-nbits" else {"algo", "bits", "block_size", "symmetric"})
+    if wrong:
+        options = ", ".join("--" + name.replace("_", "-") for name in sorted(wrong))
+        raise click.UsageError(f"{options} {'does' if len(wrong) == 1 else 'do'} not apply "
+                               f"to --method {method}")
+    if method == "matmul-nbits":
+        from qcompile.runtimes.peer_ort_quantizer import quantize_with_ort
+
+        report = quantize_with_ort(fp32_bundle, output, algo, int(bits), block_size, symmetric,
+                                   head, force, samples or 128, seq_len)
+    else:
+        from qcompile.runtimes.peer_ort_activation import quantize_activations_with_ort
+
+        report = quantize_activations_with_ort(
+            fp32_bundle, output, method, activation_type or "u8",
+            True if reduce_range is None else reduce_range, smoothquant_alpha, head, force,
+            samples or 16, seq_len)
     console.print(f"[bold green]peer bundle[/bold green] {output}: "
                   f"{report['sizes']['model_bytes']:,} model bytes ({report['recipe']['name']})")
 

@@ -184,6 +184,19 @@ def _calibration_windows(fp32_bundle: pathlib.Path, samples: int, seq_len: int):
                                tokenizer, tokenizer.vocab_size)
 
 
+def load_fp32_model(fp32_bundle: pathlib.Path):
+    """``(model, lm_head node name, report)`` of an fp32 bundle, the lm_head's weight read in
+    (the quantizers see it as a MatMul on an initializer); refuses a quantized bundle."""
+    report = read_report(fp32_bundle)
+    if report["recipe"]["passes"]:
+        raise QcompileError(f"{fp32_bundle} is not an fp32 bundle", "compile with --recipe fp32")
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    model = onnx.load(str(fp32_bundle / MODEL_FILE))
+    lm_head = _lm_head_node(model)
+    _materialize_lm_head_weight(model, lm_head)
+    return model, lm_head, report
+
+
 def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
                       block_size: int = 128, symmetric: bool = False,
                       lm_head_bits: int | None = 8, force: bool = False,
@@ -204,13 +217,7 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
         raise QcompileError(f"ONNX Runtime's GPTQ quantizes to 4 bits only, not {bits}",
                             "use --bits 4 with --algo gptq, or --algo rtn/hqq for other widths")
     fp32_bundle, out_dir = pathlib.Path(fp32_bundle), pathlib.Path(out_dir)
-    source_report = read_report(fp32_bundle)
-    if source_report["recipe"]["passes"]:
-        raise QcompileError(f"{fp32_bundle} is not an fp32 bundle", "compile with --recipe fp32")
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    model = onnx.load(str(fp32_bundle / MODEL_FILE))
-    lm_head = _lm_head_node(model)
-    _materialize_lm_head_weight(model, lm_head)
+    model, lm_head, source_report = load_fp32_model(fp32_bundle)
     windows = _calibration_windows(fp32_bundle, samples, seq_len) if algo == "gptq" else None
     try:
         if algo == "gptq":
