@@ -193,18 +193,21 @@ _SMOOTHING = {"smoothquant": {"calibration": {"samples": 32, "seq_len": 512}}}
 
 
 def _w8a8(description: str, scaling: str, smooth: bool) -> dict:
+    # a static range gets a zero point (free: MatMulInteger takes one per tensor); per token
+    # the codes are symmetric (one zero point for every row)
+    activations = {"scaling": scaling, "symmetric": scaling != "static-tensor"}
     return {"description": description,
             "passes": [*([_SMOOTHING] if smooth else []), _W8_PER_CHANNEL,
-                       {"quantize_activations": {"scaling": scaling}}, "pack_weights"]}
+                       {"quantize_activations": activations}, "pack_weights"]}
 
 
 BUILTIN_RECIPES.update({
     "w8a8-static": _w8a8("int8 weights per channel, int8 activations per tensor (static, "
-                         "calibrated), integer MatMul", "static-tensor", False),
+                         "calibrated, asymmetric), integer MatMul", "static-tensor", False),
     "w8a8-dynamic": _w8a8("int8 weights per channel, int8 activations per token (dynamic), "
                           "integer MatMul", "dynamic-token", False),
     "w8a8-smoothquant": _w8a8("SmoothQuant (alpha searched per layer group), int8 weights per "
-                              "channel, int8 activations per tensor (static)", "static-tensor",
+                              "channel, int8 activations per tensor (static, asymmetric)", "static-tensor",
                               True),
     "w8a8-smoothquant-dynamic": _w8a8("SmoothQuant (alpha searched per layer group), int8 "
                                       "weights per channel, int8 activations per token",
