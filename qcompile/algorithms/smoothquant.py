@@ -45,16 +45,19 @@ def _int8(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (t / scale).round().clamp(-127, 127) * scale
 
 
-def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s_in: torch.Tensor) -> float:
-    """Mean squared error of ``x W^T`` against int8-per-tensor ``x / s`` times int8
-    per-channel ``W s``, summed over the group's linears."""
+def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s_in: torch.Tensor,
+               references: list[torch.Tensor] | None = None) -> float:
+    """Mean squared error of ``x W^T`` (``references``, when the caller has them) against
+    int8-per-tensor ``x / s`` times int8 per-channel ``W s``, summed over the group's
+    linears."""
     xs = x / s_in
     xq = _int8(xs, xs.abs().max().clamp(min=1e-12) / 127)
+    references = references or [x @ w.T for w in weights]
     error = 0.0
-    for w in weights:
+    for w, reference in zip(weights, references):
         ws = w * s_in
         wq = _int8(ws, ws.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127)
-        error += float(((xq @ wq.T - x @ w.T) ** 2).mean())
+        error += float(((xq @ wq.T - reference) ** 2).mean())
     return error
 
 
@@ -63,10 +66,11 @@ def search_alpha(x_abs_max: torch.Tensor, sample: torch.Tensor, weights: list[to
     """``(scale, alpha, error)`` minimising :func:`w8a8_error` over no smoothing and
     ``alpha = i / grid``, ``i = 1 .. grid``."""
     best = (torch.ones_like(reduce(x_abs_max, group)), 0.0, float("inf"))
+    references = [sample @ w.T for w in weights]  # the float outputs: the same every alpha
     for i in range(grid + 1):
         alpha = i / grid
         scale = smoothing_scale(x_abs_max, weights, alpha, group) if i else best[0]
-        error = w8a8_error(sample, weights, expand(scale, group))
+        error = w8a8_error(sample, weights, expand(scale, group), references)
         if error < best[2]:
             best = (scale, alpha, error)
     return best
