@@ -22,6 +22,7 @@ from qcompile.algorithms.smoothquant import search_alpha, smoothing_scale
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.calibration.observers import linear_input_statistics
 from qcompile.errors import QcompileError
+from qcompile.formats.activation import SCALINGS
 from qcompile.pass_infra import QPass, compose_options, register_pass
 
 from .calibrated import CalibrationFields, apply_float_updates, calibrate_or_replay
@@ -32,17 +33,24 @@ __all__ = ["SmoothQuant", "SmoothQuantFields", "SmoothQuantOptions", "SmoothQuan
 @dataclasses.dataclass(frozen=True)
 class SmoothQuantFields:
     """The migration strength: a number in [0, 1], or ``search`` (per scaling group, on
-    the int8 output error of ``search_tokens`` calibration tokens over ``grid`` steps)."""
+    the int8 output error of ``search_tokens`` calibration tokens over ``grid`` steps, with
+    activations quantized per ``search_scaling``)."""
 
     alpha: float | None = None
     grid: int = 20
     search_tokens: int = 2048
+    #: the activation scaling the search's error assumes: the bundle's (static-tensor or
+    #: dynamic-token, :mod:`qcompile.formats.activation`)
+    search_scaling: str = "static-tensor"
 
     def validate(self, where: str) -> None:
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise QcompileError(f"{where}.alpha = {self.alpha} is outside [0, 1]",
                                 "give a migration strength in [0, 1] (0.5 is the paper's "
                                 "default), or leave it out to search it per layer group")
+        if self.search_scaling not in SCALINGS:
+            raise QcompileError(f"{where}.search_scaling = {self.search_scaling!r} is not an "
+                                "activation scaling", f"use one of {', '.join(SCALINGS)}")
         if self.grid < 1 or self.search_tokens < 16:
             raise QcompileError(f"{where}: grid >= 1 and search_tokens >= 16 are required",
                                 "the defaults are grid 20, search_tokens 2048")
@@ -69,8 +77,9 @@ class SmoothQuantBlocks(BlockAlgorithm):
             _, abs_max, sample = stats[group.linears[0]]
             weights = [modules[n].weight.detach().cpu().float() for n in group.linears]
             if self.options.alpha is None:
-                scale, alpha, _ = search_alpha(abs_max, sample, weights, group,
-                                               self.options.grid)
+                scale, alpha, _ = search_alpha(
+                    abs_max, sample, weights, group, self.options.grid,
+                    per_token=self.options.search_scaling == "dynamic-token")
             else:
                 alpha = self.options.alpha
                 scale = smoothing_scale(abs_max, weights, alpha, group)

@@ -196,8 +196,9 @@ def _w8a8(description: str, scaling: str, smooth: bool) -> dict:
     # a static range gets a zero point (free: MatMulInteger takes one per tensor); per token
     # the codes are symmetric (one zero point for every row)
     activations = {"scaling": scaling, "symmetric": scaling != "static-tensor"}
+    smoothing = {"smoothquant": {**_SMOOTHING["smoothquant"], "search_scaling": scaling}}
     return {"description": description,
-            "passes": [*([_SMOOTHING] if smooth else []), _W8_PER_CHANNEL,
+            "passes": [*([smoothing] if smooth else []), _W8_PER_CHANNEL,
                        {"quantize_activations": activations}, "pack_weights"]}
 
 
@@ -209,8 +210,9 @@ BUILTIN_RECIPES.update({
     "w8a8-smoothquant": _w8a8("SmoothQuant (alpha searched per layer group), int8 weights per "
                               "channel, int8 activations per tensor (static, asymmetric)", "static-tensor",
                               True),
-    "w8a8-smoothquant-dynamic": _w8a8("SmoothQuant (alpha searched per layer group), int8 "
-                                      "weights per channel, int8 activations per token",
+    "w8a8-smoothquant-dynamic": _w8a8("SmoothQuant (alpha searched per layer group for "
+                                      "per-token activations), int8 weights per channel, int8 "
+                                      "activations per token",
                                       "dynamic-token", True),
 })
 #: the recipe each target compiles without ``-r`` (each target names its own)

@@ -84,3 +84,15 @@ def test_a_second_calibrated_pass_is_refused_with_the_reason(tiny_model_dir, tmp
     with pytest.raises(QcompileError, match="two calibrated passes .smoothquant, then gptq."):
         compile_bundle(str(tiny_model_dir("llama")), str(recipe), "ort", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_search_for_per_token_activations_picks_less_migration():
+    """Per token, an outlier channel only costs the tokens it appears in: the per-token error
+    model must need less smoothing than the per-tensor one on the same inputs."""
+    x, weights = _outlier_inputs()
+    x[1::2, 5] /= 60.0  # the outlier channel is large in half of the tokens only
+    group = ScalingGroup("norm", ("a", "b"))
+    _, per_tensor, _ = search_alpha(x.abs().amax(0), x, weights, group)
+    _, per_token, error = search_alpha(x.abs().amax(0), x, weights, group, per_token=True)
+    assert per_token < per_tensor, (per_token, per_tensor)
+    assert error <= w8a8_error(x, weights, torch.ones(128), per_token=True)

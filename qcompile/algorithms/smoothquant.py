@@ -13,8 +13,10 @@ unchanged, and the migration strength ``alpha`` trades activation range for weig
 (the paper's default 0.5; Llama-2 0.85, Mistral 0.8).
 
 ``alpha`` is either given, or searched per group over a grid on the error of the group's
-outputs with int8 weights (per output channel, symmetric) and int8 activations (per tensor,
-symmetric, static: the hardest case, where smoothing matters most) on calibration tokens;
+outputs with int8 weights (per output channel, symmetric) and int8 activations on calibration
+tokens, quantized as the bundle will quantize them: per tensor (static, the hardest case,
+where smoothing matters most) or per token (dynamic: one outlier channel then costs only the
+tokens it appears in, and the best alpha is lower);
 no smoothing (``s = 1``, reported as alpha 0) is the grid's first point, so the search never
 picks worse than none.
 """
@@ -46,12 +48,13 @@ def _int8(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s_in: torch.Tensor,
-               references: list[torch.Tensor] | None = None) -> float:
+               references: list[torch.Tensor] | None = None, per_token: bool = False) -> float:
     """Mean squared error of ``x W^T`` (``references``, when the caller has them) against
-    int8-per-tensor ``x / s`` times int8 per-channel ``W s``, summed over the group's
-    linears."""
+    int8 ``x / s`` (per tensor, or ``per_token``) times int8 per-channel ``W s``, summed over
+    the group's linears."""
     xs = x / s_in
-    xq = _int8(xs, xs.abs().max().clamp(min=1e-12) / 127)
+    peak = xs.abs().amax(-1, keepdim=True) if per_token else xs.abs().max()
+    xq = _int8(xs, peak.clamp(min=1e-12) / 127)
     references = references or [x @ w.T for w in weights]
     error = 0.0
     for w, reference in zip(weights, references):
@@ -62,15 +65,16 @@ def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s_in: torch.Tensor,
 
 
 def search_alpha(x_abs_max: torch.Tensor, sample: torch.Tensor, weights: list[torch.Tensor],
-                 group: ScalingGroup, grid: int = 20) -> tuple[torch.Tensor, float, float]:
-    """``(scale, alpha, error)`` minimising :func:`w8a8_error` over no smoothing and
-    ``alpha = i / grid``, ``i = 1 .. grid``."""
+                 group: ScalingGroup, grid: int = 20,
+                 per_token: bool = False) -> tuple[torch.Tensor, float, float]:
+    """``(scale, alpha, error)`` minimising :func:`w8a8_error` (activations per tensor, or
+    ``per_token``) over no smoothing and ``alpha = i / grid``, ``i = 1 .. grid``."""
     best = (torch.ones_like(reduce(x_abs_max, group)), 0.0, float("inf"))
     references = [sample @ w.T for w in weights]  # the float outputs: the same every alpha
     for i in range(grid + 1):
         alpha = i / grid
         scale = smoothing_scale(x_abs_max, weights, alpha, group) if i else best[0]
-        error = w8a8_error(sample, weights, expand(scale, group), references)
+        error = w8a8_error(sample, weights, expand(scale, group), references, per_token)
         if error < best[2]:
             best = (scale, alpha, error)
     return best
