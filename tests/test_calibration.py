@@ -261,6 +261,9 @@ def test_sample_table_recipes_load_with_32_calibration_windows():
     calibrated = [f for f in files if "-s32" in f.name]  # RTN and small-data comparisons aside
     assert len(calibrated) >= 19 and len(files) > len(calibrated)
     for file in files:
+        if file.name.startswith("w8a8-"):  # the W8A8 table's: smoothing first, int8 weights
+            assert load_recipe(str(file)).weight_options().bits == 8, file.name
+            continue
         step = load_recipe(str(file)).steps[0]
         if file.name.startswith("peer-"):  # the weight-only peer rows: int4, 32 x 512 tokens
             assert (step.options.bits, step.options.calibration.samples) == (4, 32), file.name

@@ -16,6 +16,11 @@ def test_builtin_recipes_load(name):
     recipe = load_recipe(name)
     assert recipe.name == name
     names = [s.name for s in recipe.steps]
+    if "a8" in name:  # W8A8: [smoothing,] int8 weights, activations, packing
+        assert names[-3:] == ["quantize_weights_rtn", "quantize_activations", "pack_weights"]
+        assert names[:-3] == (["smoothquant"] if "smoothquant" in name else [])
+        assert recipe.weight_options().bits == 8
+        return
     assert names == [] or names[1:2] == ["pack_weights"]
     assert names[2:] in ([], ["quantize_kv_cache"])
     assert names[:1] in ([], ["quantize_weights_rtn"]) or names[0] in name.replace("-", "_")
