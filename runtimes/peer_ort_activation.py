@@ -25,17 +25,15 @@ saturate their 16-bit pair sums with full-range int8 weights.
 from __future__ import annotations
 
 import pathlib
-import shutil
 import tempfile
 import time
 
 import onnx
 
-from qcompile.bundle import (DATA_FILE, MODEL_FILE, REPORT_FILE, atomic_directory, directory_bytes,
-                             write_report)
 from qcompile.errors import QcompileError
 from qcompile.runtimes.peer_ort_quantizer import (_TokenWindows, _calibration_windows,
-                                                 _quantize, load_fp32_model)
+                                                 _quantize, load_fp32_model,
+                                                 write_peer_bundle)
 
 __all__ = ["quantize_activations_with_ort", "METHODS", "ACTIVATION_TYPES"]
 
@@ -149,33 +147,22 @@ def quantize_activations_with_ort(fp32_bundle, out_dir, method: str = "static",
     name = {"static": "static", "static-smoothquant": f"static-sq{alpha:g}",
             "dynamic": "dynamic"}[method]
     head = "float" if lm_head_bits is None else f"{lm_head_bits}-bit weight-only, blocks of 128"
-    with atomic_directory(out_dir, force) as tmp:
-        onnx.save(model, str(tmp / MODEL_FILE), save_as_external_data=True,
-                  location=DATA_FILE, size_threshold=1024)
-        for path in fp32_bundle.iterdir():
-            if path.name not in (MODEL_FILE, DATA_FILE, REPORT_FILE) and path.is_file():
-                shutil.copy2(path, tmp / path.name)
-        report = {
-            "peer": f"onnxruntime.quantization.quantize_"
-                    f"{'dynamic' if method == 'dynamic' else 'static'}",
-            "source": source_report["source"],
-            "recipe": {"name": f"ort-{name}-w8a8-{activation_type}"
-                               f"{'-rr' if reduce_range else ''}", "passes": [],
-                       "description": f"ORT {method}: int8 per-channel weights"
-                       f"{' (7-bit, reduce_range)' if reduce_range else ''}, activations "
-                       f"{activations}, MatMuls on constant weights only; lm_head {head}"},
-            "target": {"name": "ort", "opset": source_report["target"].get("opset", 21),
-                       "accuracy_level": 0},
-            "peer_options": {"method": method, "activation_type": activation_type,
-                             "reduce_range": reduce_range, "per_channel": True,
-                             "smoothquant_alpha": alpha if method == "static-smoothquant"
-                             else None,
-                             "calibration_windows": None if windows is None else len(windows),
-                             "seq_len": seq_len, "lm_head": head, "quantize_seconds": seconds,
-                             "op_types": counts},
-            "sizes": {"model_bytes": (tmp / MODEL_FILE).stat().st_size
-                      + (tmp / DATA_FILE).stat().st_size},
-        }
-        report["sizes"]["bundle_bytes"] = directory_bytes(tmp)
-        write_report(tmp, report)
-    return report
+    return write_peer_bundle(model, fp32_bundle, out_dir, force, {
+        "peer": f"onnxruntime.quantization.quantize_"
+                f"{'dynamic' if method == 'dynamic' else 'static'}",
+        "source": source_report["source"],
+        "recipe": {"name": f"ort-{name}-w8a8-{activation_type}"
+                           f"{'-rr' if reduce_range else ''}", "passes": [],
+                   "description": f"ORT {method}: int8 per-channel weights"
+                   f"{' (7-bit, reduce_range)' if reduce_range else ''}, activations "
+                   f"{activations}, MatMuls on constant weights only; lm_head {head}"},
+        "target": {"name": "ort", "opset": source_report["target"].get("opset", 21),
+                   "accuracy_level": 0},
+        "peer_options": {"method": method, "activation_type": activation_type,
+                         "reduce_range": reduce_range, "per_channel": True,
+                         "smoothquant_alpha": alpha if method == "static-smoothquant"
+                         else None,
+                         "calibration_windows": None if windows is None else len(windows),
+                         "seq_len": seq_len, "lm_head": head, "quantize_seconds": seconds,
+                         "op_types": counts},
+    })

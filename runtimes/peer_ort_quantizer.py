@@ -197,6 +197,23 @@ def load_fp32_model(fp32_bundle: pathlib.Path):
     return model, lm_head, report
 
 
+def write_peer_bundle(model: onnx.ModelProto, fp32_bundle: pathlib.Path, out_dir, force: bool,
+                      report: dict) -> dict:
+    """Write a peer's model as a bundle beside the fp32 bundle's tokenizer and genai files, with
+    ``report`` (plus its sizes) as report.json, atomically; returns the report."""
+    with atomic_directory(out_dir, force) as tmp:
+        onnx.save(model, str(tmp / MODEL_FILE), save_as_external_data=True,
+                  location=DATA_FILE, size_threshold=1024)
+        for path in fp32_bundle.iterdir():
+            if path.name not in (MODEL_FILE, DATA_FILE, REPORT_FILE) and path.is_file():
+                shutil.copy2(path, tmp / path.name)
+        report = {**report, "sizes": {"model_bytes": (tmp / MODEL_FILE).stat().st_size
+                                      + (tmp / DATA_FILE).stat().st_size}}
+        report["sizes"]["bundle_bytes"] = directory_bytes(tmp)
+        write_report(tmp, report)
+    return report
+
+
 def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
                       block_size: int = 128, symmetric: bool = False,
                       lm_head_bits: int | None = 8, force: bool = False,
@@ -239,23 +256,12 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
         # ORT's quantizer does 8 bits only as MatMulNBits (QOperator) and per-channel only as
         # QDQ, so its lm_head gets 8-bit blocks of 128: finer than our per-channel, never worse
         model = _quantize(model, "rtn", lm_head_bits, 128, False, include=[lm_head])
-    with atomic_directory(out_dir, force) as tmp:
-        onnx.save(model, str(tmp / MODEL_FILE), save_as_external_data=True,
-                  location=DATA_FILE, size_threshold=1024)
-        for path in fp32_bundle.iterdir():
-            if path.name not in (MODEL_FILE, DATA_FILE, REPORT_FILE) and path.is_file():
-                shutil.copy2(path, tmp / path.name)
-        report = {
-            "peer": "onnxruntime.quantization.matmul_nbits_quantizer",
-            "source": source_report["source"],
-            "recipe": {"name": f"ort-{algo}-w{bits}-b{block_size}", "passes": [],
-                       "description": f"ORT {algo}, {bits}-bit, block {block_size}, "
-                       f"{'sym' if symmetric else 'asym'}; lm_head "
-                       f"{'float' if lm_head_bits is None else f'{lm_head_bits}-bit, blocks of 128'}"},
-            "target": {"name": "ort", "opset": 21, "accuracy_level": 0},
-            "sizes": {"model_bytes": (tmp / MODEL_FILE).stat().st_size
-                      + (tmp / DATA_FILE).stat().st_size},
-        }
-        report["sizes"]["bundle_bytes"] = directory_bytes(tmp)
-        write_report(tmp, report)
-    return report
+    return write_peer_bundle(model, fp32_bundle, out_dir, force, {
+        "peer": "onnxruntime.quantization.matmul_nbits_quantizer",
+        "source": source_report["source"],
+        "recipe": {"name": f"ort-{algo}-w{bits}-b{block_size}", "passes": [],
+                   "description": f"ORT {algo}, {bits}-bit, block {block_size}, "
+                   f"{'sym' if symmetric else 'asym'}; lm_head "
+                   f"{'float' if lm_head_bits is None else f'{lm_head_bits}-bit, blocks of 128'}"},
+        "target": {"name": "ort", "opset": 21, "accuracy_level": 0},
+    })
