@@ -25,12 +25,14 @@ from qcompile.recipes import recipe_of_report
 from qcompile.runtimes import layer_taps
 from qcompile.runtimes.code_check import check_codes
 from qcompile.runtimes.decoder_parity import decode_stage, ladder_verdict
-from qcompile.runtimes.float_noise import float64_logits, float_noise_verdict
+from qcompile.runtimes.float_noise import (ROUNDED_NOISE_FACTOR, float64_logits,
+                                          float_noise_verdict)
 from qcompile.runtimes.onnx_reference_runner import (MAX_REFERENCE_PARAMETERS, ReferenceRunner,
                                                       unsupported_ops)
 from qcompile.runtimes.ort_runner import (OrtRunner, fused_op_counts, tempdir,
                                           with_extra_outputs)
-from qcompile.runtimes.parity import (CLOSE, EXACT, QUALITY, STAGE_TOLERANCES, Tolerance, compare,
+from qcompile.runtimes.parity import (CLOSE, EXACT, QUALITY, QUANTIZED_CACHE, STAGE_TOLERANCES,
+                                      Tolerance, compare,
                                       float_compute_tolerance, runtime_tolerance,
                                       ROUNDING_STAGES)
 from qcompile.runtimes.torch_runner import TorchRunner
@@ -53,9 +55,10 @@ class StageOutcome:
         if not self.float_noise:
             return fixed
         noise = self.float_noise
-        return (f"{fixed}, or vs float64 <= {noise['factor']:g}x torch fp32's "
-                f"{noise['torch_fp32_vs_fp64_rel_max']:.3g} (got "
-                f"{noise['runtime_vs_fp64_rel_max']:.3g})")
+        metric = noise.get("metric", "rel_max")
+        return (f"{fixed}, or vs float64 {metric} <= {noise['factor']:g}x torch fp32's "
+                f"{noise[f'torch_fp32_vs_fp64_{metric}']:.3g} (got "
+                f"{noise[f'runtime_vs_fp64_{metric}']:.3g})")
 
     def as_dict(self) -> dict:
         return {
@@ -120,15 +123,15 @@ class _Ladder:
         stats = compare(self.outputs[name], self.outputs[against])
         passed = None if tolerance is QUALITY else tolerance.passes(stats)
         outcome = StageOutcome(name, against, tolerance, stats.as_dict(), passed)
-        if passed is False and tolerance is CLOSE:
-            outcome.float_noise = self.float_noise(name, against)
+        if passed is False and tolerance in (CLOSE, QUANTIZED_CACHE):
+            outcome.float_noise = self.float_noise(name, against, tolerance)
             outcome.passed = passed = bool(outcome.float_noise and outcome.float_noise["passed"])
         if passed is False:
             outcome.first_layer = self.first_diverging_layer(name, against, tolerance)
         self.results.append(outcome)
         return outcome
 
-    def float_noise(self, name: str, against: str) -> dict | None:
+    def float_noise(self, name: str, against: str, tolerance: Tolerance) -> dict | None:
         """The float-noise verdict of :mod:`qcompile.runtimes.float_noise` (None: the reference
         stage is not a captured graph, so it cannot be evaluated in float64)."""
         module = getattr(self.runners[against], "module", None)
@@ -137,8 +140,21 @@ class _Ladder:
         if against not in self._float64:
             with step(f"stage {against} in float64 (float32 rounding floor)"):
                 self._float64[against] = float64_logits(module, *self.inputs)
+        if tolerance is CLOSE:
+            return float_noise_verdict(self.outputs[name], self.outputs[against],
+                                       self._float64[against], CLOSE.rel_max)
         return float_noise_verdict(self.outputs[name], self.outputs[against],
-                                   self._float64[against], CLOSE.rel_max)
+                                   self._float64[against], tolerance.rel_l2,
+                                   ROUNDED_NOISE_FACTOR, "rel_l2")
+
+    def decode_tolerance(self, tolerance: Tolerance) -> Tolerance:
+        """The decode stage's bound: ``tolerance``, or, where the fused ORT stage passed on
+        the float-noise verdict of a graph that rounds activations, that verdict's bound (the
+        same model through the cache, as sensitive to code flips as its prefill)."""
+        noise = next((r.float_noise for r in self.results if r.stage == "ort-fused"), None)
+        if not noise or not noise["passed"] or noise.get("metric") != "rel_l2":
+            return tolerance
+        return Tolerance("rounded-activations-float-noise", rel_l2=noise["bound"])
 
     def layer_outputs(self, name: str) -> list[np.ndarray] | None:
         """Each decoder layer's output for stage ``name`` (tapped once, then reused: both ORT
@@ -260,7 +276,8 @@ def verify_bundle(bundle: pathlib.Path, source: str | None = None) -> dict:
         ladder.run(name, runner, against, tolerance)
     codes = (check_codes(stages.final, model_file(bundle), report["target"]["name"])
              if recipe.steps else None)
-    decode = decode_stage(stages.final, bundle, inputs, _runtime_tolerance(report, stages, True))
+    decode = decode_stage(stages.final, bundle, inputs,
+                          ladder.decode_tolerance(_runtime_tolerance(report, stages, True)))
     failed = [r.stage for r in ladder.results if r.passed is False]
     summary = {
         **ladder_verdict(failed, decode, codes, inputs),

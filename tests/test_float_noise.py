@@ -5,6 +5,7 @@ is as close to the float64 evaluation as float32 rounding allows, never when its
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 import torch
 from onnx import numpy_helper
@@ -72,3 +73,20 @@ def test_a_slightly_wrong_scale_still_fails_verify(tiny_model_dir, tmp_path):
     failing = next(s for s in summary["stages"] if s["stage"] == "ort-unfused")
     assert failing["passed"] is False
     assert failing["float_noise"]["runtime_vs_fp64_rel_max"] > failing["float_noise"]["bound"]
+
+
+def test_rel_l2_verdict_follows_the_float32_floor_of_a_graph_that_rounds_activations():
+    """Where activations are rounded, torch fp32 itself can sit far from fp64 (code flips): a
+    runtime as far passes, one twice the factor further fails."""
+    from qcompile.runtimes.float_noise import ROUNDED_NOISE_FACTOR, float_noise_verdict
+
+    rng = np.random.default_rng(0)
+    truth = rng.standard_normal((2, 8, 50))
+    torch32 = truth + 0.1 * rng.standard_normal(truth.shape)
+    runtime = truth + 0.12 * rng.standard_normal(truth.shape)
+    verdict = float_noise_verdict(runtime, torch32, truth, 0.05, ROUNDED_NOISE_FACTOR, "rel_l2")
+    assert verdict["passed"] and verdict["metric"] == "rel_l2"
+    assert verdict["bound"] == pytest.approx(2 * verdict["torch_fp32_vs_fp64_rel_l2"], rel=1e-3)
+    broken = truth + 0.5 * rng.standard_normal(truth.shape)
+    assert not float_noise_verdict(broken, torch32, truth, 0.05, ROUNDED_NOISE_FACTOR,
+                                   "rel_l2")["passed"]
