@@ -31,8 +31,8 @@ import time
 import onnx
 
 from qcompile.errors import QcompileError
-from qcompile.runtimes.peer_ort_quantizer import (_TokenWindows, _calibration_windows,
-                                                 _quantize, load_fp32_model,
+from qcompile.runtimes.peer_ort_quantizer import (TokenWindows, bundle_calibration_windows,
+                                                 quantize_matmuls, load_fp32_model,
                                                  write_peer_bundle)
 
 __all__ = ["quantize_activations_with_ort", "METHODS", "ACTIVATION_TYPES"]
@@ -106,7 +106,7 @@ def _run_ort_quantizer(model: onnx.ModelProto, work: pathlib.Path, method: str,
         extra = {"OpTypesToExcludeOutputQuantization": ["MatMul"]}
         if method == "static-smoothquant":
             extra.update(SmoothQuant=True, SmoothQuantAlpha=alpha)
-        quantize_static(str(source), str(output), _TokenWindows(model, windows),
+        quantize_static(str(source), str(output), TokenWindows(model, windows),
                         quant_format=QuantFormat.QDQ,
                         activation_type={"u8": QuantType.QUInt8,
                                          "s8": QuantType.QInt8}[activation_type],
@@ -130,13 +130,13 @@ def quantize_activations_with_ort(fp32_bundle, out_dir, method: str = "static",
     fp32_bundle, out_dir = pathlib.Path(fp32_bundle), pathlib.Path(out_dir)
     model, lm_head, source_report = load_fp32_model(fp32_bundle)
     windows = None if method == "dynamic" else \
-        _calibration_windows(fp32_bundle, samples, seq_len)
+        bundle_calibration_windows(fp32_bundle, samples, seq_len)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qcompile-peer-") as work:
         model = _run_ort_quantizer(model, pathlib.Path(work), method, activation_type,
                                    reduce_range, lm_head, windows, alpha)
     if lm_head_bits is not None:
-        model = _quantize(model, "rtn", lm_head_bits, 128, False, include=[lm_head])
+        model = quantize_matmuls(model, "rtn", lm_head_bits, 128, False, include=[lm_head])
     seconds = time.perf_counter() - started
     counts: dict[str, int] = {}
     for node in model.graph.node:

@@ -121,7 +121,7 @@ def _unhide(model: onnx.ModelProto, lm_head: str) -> None:
     model.graph.node.remove(identity)
 
 
-class _TokenWindows:
+class TokenWindows:
     """ORT's ``CalibrationDataReader`` over our calibration windows: one window per feed, with
     the empty past the first decoder step takes (copied by ORT's GPTQ, so plain iteration)."""
 
@@ -147,7 +147,7 @@ class _TokenWindows:
 ORT_BITS = (2, 4, 8)
 
 
-def _quantize(model, algo: str, bits: int, block_size: int, symmetric: bool,
+def quantize_matmuls(model, algo: str, bits: int, block_size: int, symmetric: bool,
               include=None, exclude=None, per_channel=False, windows=None) -> onnx.ModelProto:
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
@@ -160,7 +160,7 @@ def _quantize(model, algo: str, bits: int, block_size: int, symmetric: bool,
     elif algo == "gptq":
         # ORT's GPTQ (from Intel Neural Compressor): not sequential; it reruns the float model
         # over every calibration window once per distinct MatMul input
-        config = mnq.GPTQWeightOnlyQuantConfig(_TokenWindows(model, windows), percdamp=0.01,
+        config = mnq.GPTQWeightOnlyQuantConfig(TokenWindows(model, windows), percdamp=0.01,
                                                block_size=128, actorder=False,
                                                perchannel=False)
     else:
@@ -174,7 +174,7 @@ def _quantize(model, algo: str, bits: int, block_size: int, symmetric: bool,
     return quantizer.model.model
 
 
-def _calibration_windows(fp32_bundle: pathlib.Path, samples: int, seq_len: int):
+def bundle_calibration_windows(fp32_bundle: pathlib.Path, samples: int, seq_len: int):
     from transformers import AutoTokenizer
 
     from qcompile.calibration.data import CalibrationOptions, calibration_samples
@@ -235,11 +235,11 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
                             "use --bits 4 with --algo gptq, or --algo rtn/hqq for other widths")
     fp32_bundle, out_dir = pathlib.Path(fp32_bundle), pathlib.Path(out_dir)
     model, lm_head, source_report = load_fp32_model(fp32_bundle)
-    windows = _calibration_windows(fp32_bundle, samples, seq_len) if algo == "gptq" else None
+    windows = bundle_calibration_windows(fp32_bundle, samples, seq_len) if algo == "gptq" else None
     try:
         if algo == "gptq":
             _hide_from_gptq(model, lm_head)
-        model = _quantize(model, algo, bits, block_size, symmetric, exclude=[lm_head],
+        model = quantize_matmuls(model, algo, bits, block_size, symmetric, exclude=[lm_head],
                           windows=windows)
         if algo == "gptq":
             _unhide(model, lm_head)
@@ -255,7 +255,7 @@ def quantize_with_ort(fp32_bundle, out_dir, algo: str = "rtn", bits: int = 4,
     if lm_head_bits is not None:
         # ORT's quantizer does 8 bits only as MatMulNBits (QOperator) and per-channel only as
         # QDQ, so its lm_head gets 8-bit blocks of 128: finer than our per-channel, never worse
-        model = _quantize(model, "rtn", lm_head_bits, 128, False, include=[lm_head])
+        model = quantize_matmuls(model, "rtn", lm_head_bits, 128, False, include=[lm_head])
     return write_peer_bundle(model, fp32_bundle, out_dir, force, {
         "peer": "onnxruntime.quantization.matmul_nbits_quantizer",
         "source": source_report["source"],

@@ -86,7 +86,7 @@ def test_peer_gptq_leaves_the_lm_head_to_the_8bit_treatment(tiny_model_dir, tmp_
     fp32 = tmp_path / "fp32"
     compile_bundle(str(tiny_model_dir("llama")), "fp32", "ort", fp32)
     windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(peer_ort_quantizer, "_calibration_windows", lambda *a: list(windows))
+    monkeypatch.setattr(peer_ort_quantizer, "bundle_calibration_windows", lambda *a: list(windows))
     peer = tmp_path / "peer"
     quantize_with_ort(fp32, peer, "gptq", bits=4, block_size=32, symmetric=True)
     model = onnx.load(str(peer / "model.onnx"), load_external_data=False)

@@ -30,7 +30,7 @@ def fp32_bundle(tiny_model_dir, tmp_path_factory):
 def _calibration(monkeypatch):
     """The tiny model has no tokenizer: calibrate on seeded random windows."""
     windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(peer_ort_activation, "_calibration_windows", lambda *a: windows)
+    monkeypatch.setattr(peer_ort_activation, "bundle_calibration_windows", lambda *a: windows)
 
 
 def _logits(bundle):
