@@ -41,10 +41,7 @@ from qcompile.weight_format import QuantizedWeight
 
 from .weight_steps import QWEIGHT_META, weight_nodes
 
-__all__ = ["ActivationOptions", "QuantizeActivations", "ACT_SPEC_META"]
-
-#: on a rewritten linear: its ActivationQuantSpec (for the report and the targets)
-ACT_SPEC_META = "qcompile.activation_spec"
+__all__ = ["ActivationOptions", "QuantizeActivations"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +167,7 @@ class QuantizeActivations(QPass):
                 node.args[0], attrs["qweight"], attrs["weight_scales"],
                 attrs.get("weight_zero_points"), bias, attrs.get("act_scale"),
                 attrs.get("act_zero"), spec.symmetric))
-        new.meta = {**node.meta, ACT_SPEC_META: spec}
+        new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         note = self.context.layers.setdefault(path, {})
