@@ -71,22 +71,35 @@ def quantize_calibrated(gm: torch.fx.GraphModule, context, method: str, options,
 
 def calibrate_or_replay(context, method: str, options,
                          algorithm: BlockAlgorithm) -> CalibrationRecord:
-    earlier = context.calibration.get("algorithm")
-    if earlier is not None and earlier != method:
-        raise QcompileError(f"the recipe runs two calibrated passes ({earlier}, then {method}); "
-                            "a bundle holds one calibration record",
-                            f"keep one of {earlier} and {method} in the recipe")
+    """This pass's stage of the calibration record: replayed when the record already holds
+    it (``verify``), else calibrated, on top of the float-only stages before it (SmoothQuant
+    before GPTQ). ``context.calibrated`` holds the whole chain."""
+    done = context.calibration.setdefault("stages", {})
+    if method in done:
+        raise QcompileError(f"the recipe runs {method} twice",
+                            f"keep one {method} step in the recipe")
     record = context.calibrated
-    if record is None:
-        record = _calibrate(context, method, options, algorithm)
-    elif record.algorithm != method:
-        raise QcompileError(f"the bundle's calibration record is from {record.algorithm}, "
-                            f"its recipe runs {method}",
-                            "delete calibration.safetensors or re-compile the bundle")
-    else:
+    stages = record.stages() if record is not None else []
+    if len(done) < len(stages):  # the record was given: replay its stages in recipe order
+        stage = stages[len(done)]
+        if stage.algorithm != method:
+            raise QcompileError(f"the bundle's calibration record is from {record.chain}, "
+                                f"its recipe runs {method} at step {len(done) + 1}",
+                                "delete calibration.safetensors or re-compile the bundle")
+        done[method] = {"replayed": True}
         context.calibration["replayed"] = True
-    context.calibrated = record
-    return record
+        return stage
+    if record is not None and record.qweights:
+        raise QcompileError(f"the recipe runs two weight-quantizing calibrated passes "
+                            f"({record.algorithm}, then {method}); a bundle holds one set of "
+                            "calibrated weights",
+                            f"keep one of {record.algorithm} and {method}, or put a float-only "
+                            "pass (smoothquant) first")
+    stage = _calibrate(context, method, options, algorithm,
+                       record.combined_updates() if record is not None else {})
+    context.calibrated = stage if record is None else record.then(stage)
+    context.calibration["algorithm"] = context.calibrated.chain
+    return stage
 
 
 def _device(wanted: str) -> torch.device:
@@ -95,7 +108,8 @@ def _device(wanted: str) -> torch.device:
     return torch.device(wanted)
 
 
-def _calibrate(context, method: str, options, algorithm: BlockAlgorithm) -> CalibrationRecord:
+def _calibrate(context, method: str, options, algorithm: BlockAlgorithm,
+               prior_updates: dict) -> CalibrationRecord:
     model = context.model
     if model is None:
         raise QcompileError(f"{method} needs the source model to calibrate",
@@ -104,13 +118,13 @@ def _calibrate(context, method: str, options, algorithm: BlockAlgorithm) -> Cali
     samples = calibration_samples(data, context.tokenizer, model.config.vocab_size)
     torch.manual_seed(data.seed)
     result = run_block_calibration(model, samples, algorithm, data.batch_size, data.spill,
-                                   _device(options.device))
-    context.calibration.update({
-        "algorithm": method, "samples": data.samples, "seq_len": data.seq_len,
-        "data": data.data, "seconds": result.seconds,
-        "peak_activation_bytes": result.peak_activation_bytes,
-        **algorithm.facts(),
-    })
+                                   _device(options.device), prior_updates)
+    facts = {"samples": data.samples, "seq_len": data.seq_len, "data": data.data,
+             "seconds": result.seconds, "peak_activation_bytes": result.peak_activation_bytes,
+             **algorithm.facts()}
+    # the last calibrated stage's facts at the top (one-stage reports read them there)
+    context.calibration.update(facts)
+    context.calibration["stages"][method] = facts
     return CalibrationRecord(method, result.qweights, result.float_updates,
                              algorithm.layer_notes())
 

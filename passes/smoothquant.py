@@ -18,12 +18,13 @@ import torch
 from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile.algorithms.scale_folding import apply_scale, expand, scaling_groups, scaling_layout
-from qcompile.algorithms.smoothquant import search_alpha, smoothing_scale
+from qcompile.algorithms.smoothquant import (SEARCH_SCALINGS, ErrorModel, search_alpha,
+                                              smoothing_scale)
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.calibration.observers import linear_input_statistics
 from qcompile.errors import QcompileError
-from qcompile.formats.activation import SCALINGS
 from qcompile.pass_infra import QPass, compose_options, register_pass
+from qcompile.weight_quantizer import WeightQuantSpec
 
 from .calibrated import CalibrationFields, apply_float_updates, calibrate_or_replay
 
@@ -33,27 +34,41 @@ __all__ = ["SmoothQuant", "SmoothQuantFields", "SmoothQuantOptions", "SmoothQuan
 @dataclasses.dataclass(frozen=True)
 class SmoothQuantFields:
     """The migration strength: a number in [0, 1], or ``search`` (per scaling group, on
-    the int8 output error of ``search_tokens`` calibration tokens over ``grid`` steps, with
-    activations quantized per ``search_scaling``)."""
+    the quantized output error of ``search_tokens`` calibration tokens over ``grid`` steps,
+    with activations quantized per ``search_scaling`` and weights per ``search_weights``)."""
 
     alpha: float | None = None
     grid: int = 20
     search_tokens: int = 2048
-    #: the activation scaling the search's error assumes: the bundle's (static-tensor or
-    #: dynamic-token, :mod:`qcompile.formats.activation`)
+    #: the activation scaling the search's error assumes: the bundle's (static-tensor,
+    #: dynamic-token, or dynamic-block for MatMulNBits at accuracy level 4:
+    #: :data:`~qcompile.algorithms.smoothquant.SEARCH_SCALINGS`)
     search_scaling: str = "static-tensor"
+    #: the weights' format the search's error assumes (``{bits, group_size, symmetric}``
+    #: of the weight pass after it); none: int8 per output channel. ``dynamic-block``
+    #: activations use its group size as their block.
+    search_weights: WeightQuantSpec | None = None
 
     def validate(self, where: str) -> None:
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise QcompileError(f"{where}.alpha = {self.alpha} is outside [0, 1]",
                                 "give a migration strength in [0, 1] (0.5 is the paper's "
                                 "default), or leave it out to search it per layer group")
-        if self.search_scaling not in SCALINGS:
+        if self.search_scaling not in SEARCH_SCALINGS:
             raise QcompileError(f"{where}.search_scaling = {self.search_scaling!r} is not an "
-                                "activation scaling", f"use one of {', '.join(SCALINGS)}")
+                                "activation scaling", f"use one of {', '.join(SEARCH_SCALINGS)}")
+        if self.search_scaling == "dynamic-block" and not _error_model(self).block:
+            raise QcompileError(f"{where}: search_scaling dynamic-block needs the weights' "
+                                "blocks", "give search_weights: {bits: 4, group_size: 32} "
+                                "(MatMulNBits quantizes its input in the weights' blocks)")
         if self.grid < 1 or self.search_tokens < 16:
             raise QcompileError(f"{where}: grid >= 1 and search_tokens >= 16 are required",
                                 "the defaults are grid 20, search_tokens 2048")
+
+
+def _error_model(options) -> ErrorModel:
+    weights = options.search_weights
+    return ErrorModel(options.search_scaling, weights.group_size if weights else 0, weights)
 
 
 SmoothQuantOptions = compose_options("SmoothQuantOptions", CalibrationFields, SmoothQuantFields,
@@ -77,9 +92,8 @@ class SmoothQuantBlocks(BlockAlgorithm):
             _, abs_max, sample = stats[group.linears[0]]
             weights = [modules[n].weight.detach().cpu().float() for n in group.linears]
             if self.options.alpha is None:
-                scale, alpha, _ = search_alpha(
-                    abs_max, sample, weights, group, self.options.grid,
-                    per_token=self.options.search_scaling == "dynamic-token")
+                scale, alpha, _ = search_alpha(abs_max, sample, weights, group,
+                                               self.options.grid, _error_model(self.options))
             else:
                 alpha = self.options.alpha
                 scale = smoothing_scale(abs_max, weights, alpha, group)

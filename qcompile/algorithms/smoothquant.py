@@ -13,21 +13,26 @@ unchanged, and the migration strength ``alpha`` trades activation range for weig
 (the paper's default 0.5; Llama-2 0.85, Mistral 0.8).
 
 ``alpha`` is either given, or searched per group over a grid on the error of the group's
-outputs with int8 weights (per output channel, symmetric) and int8 activations on calibration
-tokens, quantized as the bundle will quantize them: per tensor (static, the hardest case,
-where smoothing matters most) or per token (dynamic: one outlier channel then costs only the
-tokens it appears in, and the best alpha is lower);
+outputs on calibration tokens with weights and activations quantized as the bundle will
+quantize them (:class:`ErrorModel`): int8 weights per output channel or the bundle's int4
+groups; int8 activations per tensor (static, the hardest case, where smoothing matters most),
+per token (dynamic: one outlier channel then costs only the tokens it appears in, and the best
+alpha is lower) or per token and block of K (MatMulNBits at accuracy level 4);
 no smoothing (``s = 1``, reported as alpha 0) is the grid's first point, so the search never
 picks worse than none.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from qcompile.algorithms.scale_folding import ScalingGroup, expand, reduce
+from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
-__all__ = ["search_alpha", "smoothing_scale", "w8a8_error"]
+__all__ = ["SEARCH_SCALINGS", "ErrorModel", "quantized_error", "search_alpha",
+           "smoothing_scale"]
 
 #: smallest statistic a channel's scale is computed from (an all-zero channel stays put)
 _FLOOR = 1e-5
@@ -43,38 +48,68 @@ def smoothing_scale(x_abs_max: torch.Tensor, weights: list[torch.Tensor], alpha:
     return (x_stat.pow(alpha) / w_stat.pow(1 - alpha)).clamp(min=_FLOOR)
 
 
-def _int8(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+#: how the search quantizes a group's input: the bundle's own activation scalings, and
+#: ``dynamic-block``, int8 per token per block of K inputs (what ONNX Runtime's MatMulNBits
+#: does to its input at accuracy level 4, with the weights' block size: W4A8)
+SEARCH_SCALINGS = ("static-tensor", "dynamic-token", "dynamic-block")
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorModel:
+    """How the search's output error quantizes a group: its input per ``scaling`` (blocks
+    of ``block`` inputs for ``dynamic-block``) and its weights per ``weights`` (None: int8
+    per output channel, symmetric: the W8A8 bundles' weights)."""
+
+    scaling: str = "static-tensor"
+    block: int = 32
+    weights: WeightQuantSpec | None = None
+
+    def activations(self, xs: torch.Tensor) -> torch.Tensor:
+        if self.scaling == "static-tensor":
+            return _int8(xs, xs.abs().max())
+        if self.scaling == "dynamic-token":
+            return _int8(xs, xs.abs().amax(-1, keepdim=True))
+        rows, k = xs.shape
+        padded = torch.nn.functional.pad(xs, (0, -k % self.block))  # a last, shorter block
+        blocks = padded.reshape(rows, -1, self.block)
+        return _int8(blocks, blocks.abs().amax(-1, keepdim=True)).reshape(rows, -1)[:, :k]
+
+    def weight(self, ws: torch.Tensor) -> torch.Tensor:
+        if self.weights is None:
+            return _int8(ws, ws.abs().amax(1, keepdim=True))
+        return quantize_weight(ws, self.weights).dequantize()
+
+
+def _int8(t: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    scale = peak.clamp(min=1e-12) / 127
     return (t / scale).round().clamp(-127, 127) * scale
 
 
-def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s_in: torch.Tensor,
-               references: list[torch.Tensor] | None = None, per_token: bool = False) -> float:
+def quantized_error(x: torch.Tensor, weights: list[torch.Tensor], s_in: torch.Tensor,
+                    model: ErrorModel = ErrorModel(),
+                    references: list[torch.Tensor] | None = None) -> float:
     """Mean squared error of ``x W^T`` (``references``, when the caller has them) against
-    int8 ``x / s`` (per tensor, or ``per_token``) times int8 per-channel ``W s``, summed over
-    the group's linears."""
-    xs = x / s_in
-    peak = xs.abs().amax(-1, keepdim=True) if per_token else xs.abs().max()
-    xq = _int8(xs, peak.clamp(min=1e-12) / 127)
+    quantized ``x / s`` times quantized ``W s`` (both per ``model``), summed over the group's
+    linears."""
+    xq = model.activations(x / s_in)
     references = references or [x @ w.T for w in weights]
     error = 0.0
     for w, reference in zip(weights, references):
-        ws = w * s_in
-        wq = _int8(ws, ws.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127)
-        error += float(((xq @ wq.T - reference) ** 2).mean())
+        error += float(((xq @ model.weight(w * s_in).T - reference) ** 2).mean())
     return error
 
 
 def search_alpha(x_abs_max: torch.Tensor, sample: torch.Tensor, weights: list[torch.Tensor],
                  group: ScalingGroup, grid: int = 20,
-                 per_token: bool = False) -> tuple[torch.Tensor, float, float]:
-    """``(scale, alpha, error)`` minimising :func:`w8a8_error` (activations per tensor, or
-    ``per_token``) over no smoothing and ``alpha = i / grid``, ``i = 1 .. grid``."""
+                 model: ErrorModel = ErrorModel()) -> tuple[torch.Tensor, float, float]:
+    """``(scale, alpha, error)`` minimising :func:`quantized_error` under ``model`` over no
+    smoothing and ``alpha = i / grid``, ``i = 1 .. grid``."""
     best = (torch.ones_like(reduce(x_abs_max, group)), 0.0, float("inf"))
     references = [sample @ w.T for w in weights]  # the float outputs: the same every alpha
     for i in range(grid + 1):
         alpha = i / grid
         scale = smoothing_scale(x_abs_max, weights, alpha, group) if i else best[0]
-        error = w8a8_error(sample, weights, expand(scale, group), references, per_token)
+        error = quantized_error(sample, weights, expand(scale, group), model, references)
         if error < best[2]:
             best = (scale, alpha, error)
     return best

@@ -321,6 +321,28 @@ def _record_float_changes(job: BlockJob, before: dict[str, torch.Tensor]) -> Non
             job.float_updates[full] = value.clone()
 
 
+def _updates_by_block(updates: dict, prefix: str, count: int) -> list[dict]:
+    """``updates`` split by decoder block, names relative to the block; an update outside
+    every block is refused (no float-only stage writes one)."""
+    by_block: list[dict] = [{} for _ in range(count)]
+    for name, value in updates.items():
+        index, _, relative = name.removeprefix(f"{prefix}.").partition(".")
+        if not name.startswith(f"{prefix}.") or not index.isdigit() or int(index) >= count:
+            raise QcompileError(f"an earlier calibrated stage changed {name}, outside the "
+                                "decoder blocks", "put that pass after the calibrated one")
+        by_block[int(index)][relative] = value
+    return by_block
+
+
+def _take_updates(block: torch.nn.Module, before: dict, updates: dict) -> None:
+    """Write an earlier stage's values into the block copy; they become the "before" this
+    stage's own changes are measured against."""
+    params = dict(block.named_parameters())
+    for name, value in updates.items():
+        params[name].data = value.to(params[name].device, torch.float32).clone()
+        before[name] = value
+
+
 def _store_bytes(*stores) -> int:
     return sum(s[i].numel() * s[i].element_size() for s in stores if s is not None
                for i in range(len(s)) if not isinstance(s._items[i], pathlib.Path))
@@ -333,11 +355,17 @@ def run_block_calibration(
     batch_size: int = 8,
     spill: bool = False,
     device: str | torch.device = "cpu",
+    prior_updates: dict[str, torch.Tensor] | None = None,
 ) -> CalibrationResult:
-    """Run ``algorithm`` over every decoder block of ``model`` (which is left unchanged)."""
+    """Run ``algorithm`` over every decoder block of ``model`` (which is left unchanged).
+
+    ``prior_updates`` (full parameter name -> value) are an earlier float-only stage's
+    results (SmoothQuant's folded scales): each block's copy takes them before the algorithm
+    sees it, and only what changes beyond them is reported."""
     start = time.perf_counter()
     device = torch.device(device)
     prefix, blocks = decoder_blocks(model)
+    prior = _updates_by_block(prior_updates or {}, prefix, len(blocks))
     with tempfile.TemporaryDirectory(prefix="qcompile-spill-") as tmp:
         spill_dir = pathlib.Path(tmp) if spill else None
         inputs, block_kwargs = ActivationStore(spill_dir, "in"), [[] for _ in blocks]
@@ -350,6 +378,7 @@ def run_block_calibration(
             for index, original in enumerate(blocks):
                 kwargs = block_kwargs[index]
                 block, before = float_copy(original, device)
+                _take_updates(block, before, prior[index])
                 targets = None
                 if float_inputs is not None:
                     targets = _outputs(block, float_inputs, kwargs, device, spill_dir,

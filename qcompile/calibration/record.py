@@ -7,6 +7,11 @@ It is written next to the model as ``calibration.safetensors`` (packed codes, so
 model's size at 4 bits). The model never reads it: delete it to ship a smaller bundle, and
 ``verify`` then recalibrates (the same data and seed give the same codes).
 
+A recipe may chain calibrated passes when the earlier ones only change float parameters
+(SmoothQuant's folded scales, then GPTQ on the smoothed model): the record then holds one
+stage per pass, in recipe order (:attr:`CalibrationRecord.before`), and each pass replays its
+own stage.
+
 What a replay proves: the ONNX model computes what the torch model with these codes and float
 updates computes, and its integer codes equal them. That calibration itself is deterministic is
 checked separately (the bundle-rebuild tests).
@@ -28,6 +33,8 @@ __all__ = ["RECORD_FILE", "CalibrationRecord", "load_record", "save_record"]
 
 RECORD_FILE = "calibration.safetensors"
 _FORMAT = "qcompile-calibration-record-1"
+#: the same with earlier float-only stages (``before``) stored as ``s<i>.f.<name>``
+_CHAINED_FORMAT = "qcompile-calibration-record-2"
 
 
 @dataclasses.dataclass
@@ -40,6 +47,31 @@ class CalibrationRecord:
     float_updates: dict[str, torch.Tensor]
     #: per-layer facts for report.json (AWQ's alpha, AdaDim's choice), by module path
     notes: dict[str, dict] = dataclasses.field(default_factory=dict)
+    #: the float-only stages this one calibrated on top of, in recipe order (SmoothQuant
+    #: before GPTQ); each has no integer weights and no ``before`` of its own
+    before: tuple["CalibrationRecord", ...] = ()
+
+    @property
+    def chain(self) -> str:
+        """The algorithms of every stage, ``smoothquant+gptq``."""
+        return "+".join(stage.algorithm for stage in self.stages())
+
+    def stages(self) -> list["CalibrationRecord"]:
+        return [*self.before, dataclasses.replace(self, before=())]
+
+    def then(self, stage: "CalibrationRecord") -> "CalibrationRecord":
+        """This record followed by ``stage``, which calibrated on this one's float updates."""
+        if self.qweights:
+            raise ValueError(f"{self.algorithm} quantized weights; only float-only stages "
+                             "may come before another calibrated pass")
+        return dataclasses.replace(stage, before=tuple(self.stages()))
+
+    def combined_updates(self) -> dict[str, torch.Tensor]:
+        """Every stage's float updates, later stages over earlier ones."""
+        updates: dict[str, torch.Tensor] = {}
+        for stage in self.stages():
+            updates.update(stage.float_updates)
+        return updates
 
 
 def _code_bits(bits: int) -> int:
@@ -63,10 +95,18 @@ def save_record(directory: pathlib.Path, record: CalibrationRecord) -> pathlib.P
                         "shape": [n, k]}
     for name, value in sorted(record.float_updates.items()):
         tensors[f"f.{name}"] = value.detach().contiguous()
+    before = []
+    for i, stage in enumerate(record.before):
+        for name, value in sorted(stage.float_updates.items()):
+            tensors[f"s{i}.f.{name}"] = value.detach().contiguous()
+        before.append({"algorithm": stage.algorithm, "notes": stage.notes})
+    fields = {"format": _CHAINED_FORMAT if before else _FORMAT,
+              "algorithm": record.algorithm, "weights": layout, "notes": record.notes}
+    if before:
+        fields["before"] = before
     # one metadata key: safetensors writes several in hash order, and bundles must be
     # byte-identical when rebuilt
-    metadata = {"record": json.dumps({"format": _FORMAT, "algorithm": record.algorithm,
-                                      "weights": layout, "notes": record.notes}, sort_keys=True)}
+    metadata = {"record": json.dumps(fields, sort_keys=True)}
     target = pathlib.Path(directory) / RECORD_FILE
     save_file(tensors, str(target), metadata=metadata)
     target.chmod(0o644)  # safetensors creates it owner-only; the bundle's other files are not
@@ -84,16 +124,24 @@ def load_record(directory: pathlib.Path) -> CalibrationRecord | None:
         with safe_open(str(path), framework="pt") as f:
             metadata = json.loads((f.metadata() or {}).get("record", "{}"))
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(f"format {metadata.get('format')!r}, expected {_FORMAT!r}")
+        if metadata.get("format") not in (_FORMAT, _CHAINED_FORMAT):
+            raise ValueError(f"format {metadata.get('format')!r}, expected {_FORMAT!r} or "
+                             f"{_CHAINED_FORMAT!r}")
         layout = metadata["weights"]
         qweights = {p: _weight(tensors, p, spec) for p, spec in layout.items()}
     except Exception as exc:  # corrupt or foreign file: say which and how to recover
         raise QcompileError(f"{path} is not a readable calibration record ({exc})",
                             f"delete {path.name} (verify then recalibrates) or re-compile "
                             "the bundle") from exc
-    updates = {n.removeprefix("f."): t for n, t in tensors.items() if n.startswith("f.")}
-    return CalibrationRecord(metadata["algorithm"], qweights, updates, metadata.get("notes", {}))
+    before = tuple(CalibrationRecord(stage["algorithm"], {}, _updates(tensors, f"s{i}.f."),
+                                     stage.get("notes", {}))
+                   for i, stage in enumerate(metadata.get("before", [])))
+    return CalibrationRecord(metadata["algorithm"], qweights, _updates(tensors, "f."),
+                             metadata.get("notes", {}), before)
+
+
+def _updates(tensors: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
 
 
 def _weight(tensors: dict, path: str, spec: dict) -> QuantizedWeight:
