@@ -215,6 +215,32 @@ BUILTIN_RECIPES.update({
                                       "activations per token",
                                       "dynamic-token", True),
 })
+#: SmoothQuant then GPTQ in one recipe: GPTQ calibrates on the smoothed blocks (the same
+#: chain as llm-compressor's W8A8 recipe), int8 weights per channel, int8 per-token inputs
+BUILTIN_RECIPES["w8a8-smoothquant-gptq-dynamic"] = {
+    "description": "SmoothQuant (alpha searched for per-token activations), then GPTQ int8 "
+                   "weights per channel on the smoothed model, int8 activations per token",
+    "passes": [{"smoothquant": {**_SMOOTHING["smoothquant"], "search_scaling": "dynamic-token"}},
+               {"gptq": {**_W8_PER_CHANNEL["quantize_weights_rtn"],
+                         **_SMOOTHING["smoothquant"]}},
+               {"quantize_activations": {"scaling": "dynamic-token", "symmetric": True}},
+               "pack_weights"],
+}
+#: W4A8 on ONNX Runtime's CPU kernels: MatMulNBits at accuracy level 4 quantizes its input to
+#: int8 per token and block of 32 (the weights' groups) and multiplies in integers; SmoothQuant
+#: searched for that error (int4 groups, per-block int8 inputs), then GPTQ on the smoothed
+#: model; 8-bit lm_head and embedding (the defaults)
+_W4_G32 = {"bits": 4, "group_size": 32, "symmetric": False}
+BUILTIN_RECIPES["w4a8-smoothquant-gptq"] = {
+    "description": "SmoothQuant (alpha searched for int4 groups of 32 and int8 inputs per "
+                   "block), then GPTQ int4 groups of 32; MatMulNBits accuracy level 4 "
+                   "(int8 activations per block of 32)",
+    "accuracy_level": 4,
+    "passes": [{"smoothquant": {**_SMOOTHING["smoothquant"], "search_scaling": "dynamic-block",
+                                "search_weights": _W4_G32}},
+               {"gptq": {**_W4_G32, **_SMOOTHING["smoothquant"]}},
+               "pack_weights"],
+}
 #: the recipe each target compiles without ``-r`` (each target names its own)
 DEFAULT_RECIPES = {name: target.default_recipe for name, target in TARGETS.items()}
 DEFAULT_RECIPE = DEFAULT_RECIPES["ort"]
