@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch.fx.passes.infra.pass_base import PassResult
 
-from qcompile.algorithms.scale_folding import apply_scale, expand, scaling_groups, scaling_layout
+from qcompile.algorithms.scale_folding import apply_scale, scaling_groups, scaling_layout
 from qcompile.algorithms.smoothquant import (SEARCH_SCALINGS, ErrorModel, search_alpha,
                                               smoothing_scale)
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob

@@ -116,6 +116,10 @@ def test_w8a8_bundle_verifies_and_never_multiplies_u8_by_s8(scaling, target, tin
     weights = {i.name: i for i in model.graph.initializer}
     for node in matmuls:  # the weight operand is a uint8 initializer: u8 x u8 only
         assert weights[node.input[1]].data_type == onnx.TensorProto.UINT8, node.input[1]
+        # each expanded node keeps its layer's scope, and only that (not a copy of every
+        # metadata entry of the placeholder: a dozen nodes per linear)
+        keys = {p.key for p in node.metadata_props}
+        assert keys == {"pkg.torch.onnx.name_scopes"}, keys
     summary = verify_bundle(tmp_path / "b")
     assert summary["passed"], json.dumps(summary, indent=1)
     assert summary["ort_fused_ops"]["MatMulInteger"] == 14  # what ORT's optimizer leaves

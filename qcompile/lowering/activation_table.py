@@ -76,33 +76,35 @@ def activation_translation_table() -> dict:
 
 
 class _Scalars:
-    """Scalar constants shared by every expanded linear (one initializer each)."""
+    """Constants shared by every expanded linear (one initializer each)."""
 
     def __init__(self, graph: ir.Graph):
         self.graph, self.values = graph, {}
 
     def __call__(self, value, dtype) -> ir.Value:
-        key = (float(value), np.dtype(dtype).name)
-        if key not in self.values:
-            name = f"w8a8.{np.dtype(dtype).name}_{value:g}"
-            tensor = ir.tensor(np.array(value, dtype=dtype), name=name)
-            v = ir.Value(name=name, const_value=tensor, shape=ir.Shape([]),
+        return self._constant(np.array(value, dtype=dtype),
+                              f"w8a8.{np.dtype(dtype).name}_{value:g}")
+
+    def last_axis(self) -> ir.Value:
+        """``[-1]``: the axes input of a reduction over each token's channels."""
+        return self._constant(np.array([-1], np.int64), "w8a8.last_axis")
+
+    def _constant(self, array: np.ndarray, name: str) -> ir.Value:
+        if name not in self.values:
+            tensor = ir.tensor(array, name=name)
+            v = ir.Value(name=name, const_value=tensor, shape=ir.Shape(list(array.shape)),
                          type=ir.TensorType(tensor.dtype))
             self.graph.register_initializer(v)
-            self.values[key] = v
-        return self.values[key]
+            self.values[name] = v
+        return self.values[name]
 
 
 def _token_codes(x: ir.Value, scalars: _Scalars, name: str) -> list[ir.Node]:
     """Per-token symmetric scale and uint8 codes of ``x`` (scale: nodes[3], codes: last)."""
     f32 = np.float32
     nodes = [ir.node("Abs", [x], name=f"{name}/Abs")]
-    axes = scalars.graph.initializers.get("w8a8.last_axis")
-    if axes is None:
-        axes = ir.Value(name="w8a8.last_axis", const_value=ir.tensor(np.array([-1], np.int64)),
-                        shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
-        scalars.graph.register_initializer(axes)
-    nodes.append(ir.node("ReduceMax", [nodes[-1].outputs[0], axes], {"keepdims": 1},
+    nodes.append(ir.node("ReduceMax", [nodes[-1].outputs[0], scalars.last_axis()],
+                         {"keepdims": 1},
                          name=f"{name}/ReduceMax"))
     nodes.append(ir.node("Div", [nodes[-1].outputs[0], scalars(127.0, f32)], name=f"{name}/Div"))
     nodes.append(ir.node("Max", [nodes[-1].outputs[0], scalars(MIN_SCALE, f32)],

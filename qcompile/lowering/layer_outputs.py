@@ -19,14 +19,14 @@ import onnx_ir as ir
 
 from qcompile.capture import WRAPPER_ATTRIBUTE
 
-__all__ = ["grown_layer_outputs", "layer_output_names", "node_scopes", "surviving"]
+__all__ = ["SCOPES_KEY", "grown_layer_outputs", "layer_output_names", "node_scopes", "surviving"]
 
-_SCOPES = "pkg.torch.onnx.name_scopes"
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
 def node_scopes(node: ir.Node) -> list[str]:
     """The module scopes torch.onnx recorded for ``node``, outermost first."""
-    value = node.metadata_props.get(_SCOPES)
+    value = node.metadata_props.get(SCOPES_KEY)
     return ast.literal_eval(value) if value else []
 
 
