@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-from qcompile.passes import (adadim, awq, flexround, gptq, pack_weights,  # noqa: F401
-                             quantize_activations, quantize_kv_cache, quantize_weights_rtn,
-                             smoothquant)
+from qcompile.passes import (adadim, awq, flexround, gptq, outliertune,  # noqa: F401
+                             pack_weights, quantize_activations, quantize_kv_cache,
+                             quantize_weights_rtn, smoothquant)
 from qcompile.errors import QcompileError
 from qcompile.pass_infra import PASS_REGISTRY, QPass
 
-__all__ = ["get_pass", "ladder_stages", "adadim", "awq", "gptq", "pack_weights",
+__all__ = ["get_pass", "ladder_stages", "adadim", "awq", "gptq", "outliertune", "pack_weights",
            "quantize_activations", "quantize_kv_cache", "quantize_weights_rtn", "smoothquant"]
 
 

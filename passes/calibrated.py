@@ -33,7 +33,7 @@ from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 from .weight_steps import fake_quantize_weights, weight_spec
 
 __all__ = ["CalibrationFields", "apply_float_updates", "block_spec", "calibrate_or_replay",
-           "quantize_calibrated"]
+           "quantize_calibrated", "run_float_stage"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,17 @@ def quantize_calibrated(gm: torch.fx.GraphModule, context, method: str, options,
     for path, note in record.notes.items():
         if path in context.layers:
             context.layers[path].update(note)
+    return PassResult(gm, True)
+
+
+def run_float_stage(gm: torch.fx.GraphModule, context, method: str, options,
+                    algorithm: BlockAlgorithm) -> PassResult:
+    """A float-only calibrated pass (SmoothQuant, OutlierTune): calibrate with ``algorithm``
+    (or replay its stage) and write its exact float updates into ``gm``."""
+    record = calibrate_or_replay(context, method, options, algorithm)
+    apply_float_updates(gm, record.float_updates)
+    for path, note in record.notes.items():
+        context.layers.setdefault(path, {}).update(note)
     return PassResult(gm, True)
 
 

@@ -7,10 +7,12 @@ to 8 bits per output channel (``quantize_weights_rtn {bits: 8, group_size: 0}``)
                                                     act_scale, act_zero, symmetric)
 
 so the graph quantizes ``x`` to uint8 codes (:mod:`qcompile.formats.activation`) and
-multiplies codes by codes exactly. ``static-tensor`` scales are calibrated here: the graph as
-the passes before left it (smoothed, weights fake-quantized) runs over calibration windows
-and each input's minimum and maximum is observed. ``dynamic-token`` scales each token at run
-time. The op is standard ONNX on every target (``QuantizeLinear`` + ``MatMulInteger`` u8 x u8 +
+multiplies codes by codes exactly. ``static-tensor`` and ``static-channel`` ranges are
+calibrated here: the graph as the passes before left it (smoothed, weights fake-quantized)
+runs over calibration windows and each input's minimum and maximum (per channel for
+``static-channel``) is observed. ``dynamic-token`` scales each token at run time; patterns in
+``per_token`` take it whatever ``scaling`` says (OutlierTune: static per channel where a norm
+feeds the linears, per token for ``o_proj`` and ``down_proj``). The op is standard ONNX on every target (``QuantizeLinear`` + ``MatMulInteger`` u8 x u8 +
 ``Mul``; see :mod:`qcompile.lowering.activation_table`), so ``pack_weights`` leaves these
 linears alone and packs the rest (the embedding, the lm_head). Patterns in ``keep_float``
 keep a linear's input in float (weight-only, as its weight pass made it).
@@ -33,7 +35,7 @@ from qcompile.calibration.observers import calibration_calls
 from qcompile.calibration.window_runner import run_windows
 from qcompile.console import progress_bar
 from qcompile.errors import QcompileError
-from qcompile.formats.activation import ActivationQuantSpec, static_params
+from qcompile.formats.activation import ActivationQuantSpec, channel_params, static_params
 from qcompile.fx_utils import drop_unused_tensors, set_buffer
 from qcompile.lazy_weights import materialize
 from qcompile.pass_infra import QPass, register_pass
@@ -52,6 +54,8 @@ class ActivationOptions:
     symmetric: bool = True
     #: module-name patterns whose inputs stay float (their weights as the weight pass left them)
     keep_float: tuple = ()
+    #: module-name patterns quantized per token (dynamic, symmetric) whatever ``scaling`` is
+    per_token: tuple = ()
     calibration_windows: int = 8
     calibration_tokens: int = 512
 
@@ -61,16 +65,23 @@ class ActivationOptions:
             raise QcompileError(f"{where}: dynamic-token scaling is symmetric only (MatMulInteger "
                                 "takes one zero point per tensor)",
                                 "use symmetric: true, or scaling: static-tensor")
-        if not isinstance(self.keep_float, (tuple, list)) or not all(
-                isinstance(p, str) for p in self.keep_float):
-            raise QcompileError(f"{where}.keep_float must be a list of module-name patterns",
-                                "for example: ['*.down_proj']")
+        for field in ("keep_float", "per_token"):
+            patterns = getattr(self, field)
+            if not isinstance(patterns, (tuple, list)) or not all(
+                    isinstance(p, str) for p in patterns):
+                raise QcompileError(f"{where}.{field} must be a list of module-name patterns",
+                                    "for example: ['*.down_proj']")
         if self.calibration_windows < 1 or self.calibration_tokens < 8:
             raise QcompileError(f"{where}: calibration_windows >= 1 and calibration_tokens >= 8"
                                 " are required", "the defaults are 8 windows of 512 tokens")
 
     def spec(self) -> ActivationQuantSpec:
         return ActivationQuantSpec(self.scaling, self.symmetric)
+
+    def spec_for(self, path: str) -> ActivationQuantSpec:
+        if any(fnmatch.fnmatch(path, p) for p in self.per_token):
+            return ActivationQuantSpec("dynamic-token", True)
+        return self.spec()
 
 
 def _is_per_channel_int8(qweight: QuantizedWeight) -> bool:
@@ -87,7 +98,8 @@ class QuantizeActivations(QPass):
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         nodes = self._selected(graph_module)
-        ranges = self._calibrate(graph_module, nodes) if not self.options.spec().dynamic else {}
+        static = [(n, p) for n, p in nodes if not self.options.spec_for(p).dynamic]
+        ranges = self._calibrate(graph_module, static) if static else {}
         for node, path in nodes:
             self._rewrite(graph_module, node, path, ranges.get(path))
         graph_module.graph.eliminate_dead_code()
@@ -118,11 +130,18 @@ class QuantizeActivations(QPass):
         return chosen
 
     def _calibrate(self, gm, nodes) -> dict:
-        """``{module path: (min, max)}`` of each linear's input over the calibration windows."""
+        """``{module path: (min, max)}`` of each linear's input over the calibration windows
+        (per input channel for ``static-channel``)."""
         ranges: dict = {}
+        per_channel = self.options.scaling == "static-channel"
 
         def observe(x, path):
-            low, high = x.detach().amin(), x.detach().amax()
+            x = x.detach()
+            if per_channel:
+                flat = x.reshape(-1, x.shape[-1])
+                low, high = flat.amin(0), flat.amax(0)
+            else:
+                low, high = x.amin(), x.amax()
             seen = ranges.get(path)
             ranges[path] = (low, high) if seen is None else (
                 torch.minimum(seen[0], low), torch.maximum(seen[1], high))
@@ -146,14 +165,15 @@ class QuantizeActivations(QPass):
         return ranges
 
     def _rewrite(self, gm, node: torch.fx.Node, path: str, observed) -> None:
-        spec = self.options.spec()
+        spec = self.options.spec_for(path)
         qweight = materialize(node.meta.pop(QWEIGHT_META))
         tensors = {"qweight": qweight.codes.to(torch.uint8).T.contiguous(),
                    "weight_scales": qweight.scales[:, 0].float().contiguous(),
                    "weight_zero_points": None if qweight.zeros is None
                    else qweight.zeros[:, 0].to(torch.uint8).contiguous()}
         if observed is not None:
-            scale, zero = static_params(*observed, spec.symmetric)
+            scale, zero = (channel_params(*observed) if spec.scaling == "static-channel"
+                           else static_params(*observed, spec.symmetric))
             tensors["act_scale"], tensors["act_zero"] = scale, zero.to(torch.uint8)
         attrs = {}
         with gm.graph.inserting_before(node):

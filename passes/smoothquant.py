@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch.fx.passes.infra.pass_base import PassResult
 
 from qcompile.algorithms.scale_folding import apply_scale, scaling_groups, scaling_layout
 from qcompile.algorithms.smoothquant import (SEARCH_SCALINGS, ErrorModel, search_alpha,
@@ -26,7 +25,7 @@ from qcompile.errors import QcompileError
 from qcompile.pass_infra import QPass, compose_options, register_pass
 from qcompile.weight_quantizer import WeightQuantSpec
 
-from .calibrated import CalibrationFields, apply_float_updates, calibrate_or_replay
+from .calibrated import CalibrationFields, run_float_stage
 
 __all__ = ["SmoothQuant", "SmoothQuantFields", "SmoothQuantOptions", "SmoothQuantBlocks"]
 
@@ -115,9 +114,5 @@ class SmoothQuant(QPass):
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         scaling_layout(self.context.config, self.name)  # no layout: refused before calibrating
-        algorithm = SmoothQuantBlocks(self.options, self.context.config)
-        record = calibrate_or_replay(self.context, self.name, self.options, algorithm)
-        apply_float_updates(graph_module, record.float_updates)
-        for path, note in record.notes.items():
-            self.context.layers.setdefault(path, {}).update(note)
-        return PassResult(graph_module, True)
+        return run_float_stage(graph_module, self.context, self.name, self.options,
+                               SmoothQuantBlocks(self.options, self.context.config))

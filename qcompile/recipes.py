@@ -226,6 +226,19 @@ BUILTIN_RECIPES["w8a8-smoothquant-gptq-dynamic"] = {
                {"quantize_activations": {"scaling": "dynamic-token", "symmetric": True}},
                "pack_weights"],
 }
+#: OutlierTune: per-channel static inputs where a norm feeds the linears (the scales folded
+#: into the norms and weights, each channel centred on its own zero point), per token where a
+#: linear does (attention output, MLP down projection), as in the paper
+_LINEAR_FED = ["*.o_proj", "*.down_proj", "*.out_proj", "*.fc2", "*.dense"]
+BUILTIN_RECIPES["w8a8-outliertune"] = {
+    "description": "OutlierTune: int8 inputs static per channel (q/k/v, gate/up: pre-executed "
+                   "dequantization, per-channel zero points) and per token (o, down), int8 "
+                   "weights per channel",
+    "passes": [{"outliertune": _SMOOTHING["smoothquant"]}, _W8_PER_CHANNEL,
+               {"quantize_activations": {"scaling": "static-channel", "symmetric": False,
+                                         "per_token": _LINEAR_FED}},
+               "pack_weights"],
+}
 #: W4A8 on ONNX Runtime's CPU kernels: MatMulNBits at accuracy level 4 quantizes its input to
 #: int8 per token and block of 32 (the weights' groups) and multiplies in integers; SmoothQuant
 #: searched for that error (int4 groups, per-block int8 inputs), then GPTQ on the smoothed

@@ -21,7 +21,8 @@ from onnx.reference import ReferenceEvaluator
 from qcompile import ops  # noqa: F401
 from qcompile.compiler import compile_bundle
 from qcompile.errors import QcompileError
-from qcompile.formats.activation import quantize_codes, static_params, token_params
+from qcompile.formats.activation import (channel_params, quantize_codes, static_params,
+                                         token_params)
 from qcompile.lowering.activation_table import activation_translation_table, expand_w8a8
 from qcompile.runtimes.ladder import verify_bundle
 
@@ -29,7 +30,7 @@ _CALIBRATE = "calibration_windows: 2, calibration_tokens: 64"
 
 
 class _W8A8Linear(torch.nn.Module):
-    def __init__(self, static: bool, symmetric_weights: bool, seed: int = 0):
+    def __init__(self, scaling: str, symmetric_weights: bool, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         k, n = 48, 24
@@ -39,12 +40,16 @@ class _W8A8Linear(torch.nn.Module):
         self.register_buffer("bias", torch.randn(n, generator=g))
         zeros = torch.randint(100, 156, (n,), generator=g, dtype=torch.uint8)
         self.register_buffer("zeros", None if symmetric_weights else zeros)
-        self.act = None
-        if static:
+        self.act = scaling != "dynamic-token"
+        if scaling == "static-tensor":
             scale, zero = static_params(torch.tensor(-3.0), torch.tensor(2.5), symmetric=False)
+        elif scaling == "static-channel":  # channels of different centres and widths
+            centre = torch.randn(k, generator=g) * 2
+            width = torch.rand(k, generator=g) * 4 + 0.5
+            scale, zero = channel_params(centre - width, centre + width)
+        if self.act:
             self.register_buffer("act_scale", scale)
             self.register_buffer("act_zero", zero.to(torch.uint8))
-            self.act = True
 
     def forward(self, x):
         scale = self.act_scale if self.act else None
@@ -61,11 +66,12 @@ def _export(module: torch.nn.Module, x: torch.Tensor, path) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
-@pytest.mark.parametrize("static", [True, False], ids=["static-tensor", "dynamic-token"])
+@pytest.mark.parametrize("scaling", ["static-tensor", "dynamic-token", "static-channel"])
 @pytest.mark.parametrize("symmetric_weights", [True, False], ids=["w-sym", "w-asym"])
-def test_onnx_translation_matches_the_torch_reference_bit_for_bit(static, symmetric_weights,
+def test_onnx_translation_matches_the_torch_reference_bit_for_bit(scaling, symmetric_weights,
                                                                  tmp_path):
-    module = _W8A8Linear(static, symmetric_weights)
+    static = scaling != "dynamic-token"
+    module = _W8A8Linear(scaling, symmetric_weights)
     x = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(1)) * 2
     x[0, 3, 5] = 40.0  # an outlier: clipped by the static range, sets its token's scale
     want = module(x).numpy()
@@ -87,6 +93,21 @@ def test_codes_round_half_to_even_and_saturate():
     scale, zero = token_params(torch.tensor([[0.0, 0.0], [-2.54, 1.0]]), symmetric=True)
     assert scale[0, 0] > 0 and zero.flatten().tolist() == [128, 128]  # an all-zero row
     assert float(scale[1, 0]) == pytest.approx(0.02)
+
+
+def test_channel_params_centre_every_channel_within_the_codes():
+    """Per-channel zero points put each observed range inside [0, 255] around 127.5, with
+    the one scale set by the widest channel."""
+    low = torch.tensor([-1.0, 0.0, 5.0, -10.0])
+    high = torch.tensor([1.0, 3.0, 6.0, 10.0])
+    scale, zero = channel_params(low, high)
+    assert float(scale) == pytest.approx(20.0 / 255)
+    for lo, hi, z in zip(low, high, zero):
+        codes = quantize_codes(torch.stack([lo, hi]), scale, z)
+        assert 0 <= codes[0] and codes[1] <= 255
+        assert abs(float(codes.mean()) - 127.5) <= 1.0  # centred on its own zero point
+    widest = quantize_codes(torch.stack([low[3], high[3]]), scale, zero[3])
+    assert float(widest[1] - widest[0]) >= 254
 
 
 def _recipe(tmp_path, scaling: str, extra: str = "") -> str:

@@ -16,10 +16,14 @@ def test_builtin_recipes_load(name):
     recipe = load_recipe(name)
     assert recipe.name == name
     names = [s.name for s in recipe.steps]
-    if "a8" in name:  # W8A8: [smoothing,] int8 weights, activations, packing
-        assert names[-3:] == ["quantize_weights_rtn", "quantize_activations", "pack_weights"]
-        assert names[:-3] == (["smoothquant"] if "smoothquant" in name else [])
-        assert recipe.weight_options().bits == 8
+    if "a8" in name:  # [a float-only stage,] the weight step, [activations,] packing
+        weights = "gptq" if "gptq" in name else "quantize_weights_rtn"
+        smoothing = [p for p in ("smoothquant", "outliertune") if p in name]
+        activations = ["quantize_activations"] if name.startswith("w8a8") else []
+        assert names == [*smoothing, weights, *activations, "pack_weights"], names
+        assert recipe.weight_options().bits == int(name[1])
+        if name.startswith("w4a8"):  # int8 activations inside MatMulNBits
+            assert recipe.accuracy_level == 4
         return
     assert names == [] or names[1:2] == ["pack_weights"]
     assert names[2:] in ([], ["quantize_kv_cache"])

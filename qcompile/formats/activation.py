@@ -8,6 +8,12 @@ An activation is quantized to unsigned 8-bit codes with a zero point, ``x ≈ (q
   range an observer saw (:func:`static_params`).
 * ``dynamic-token``: one ``(s, z)`` per token (row), computed from the row itself at run time
   (:func:`token_params`); the graph carries the same float32 operations, in the same order.
+* ``static-channel``: one scale for the tensor and one zero point per input channel,
+  calibrated (:func:`channel_params`): each channel's range is centred on its own zero point
+  (OutlierTune's symmetrization, as a zero point instead of a shift folded into biases; the
+  integer product subtracts ``z · W`` once per output, which is exact). After OutlierTune's
+  fold (:mod:`qcompile.passes.outliertune`) every channel spans the same width, so the one
+  scale is a per-channel scale on the original activations.
 
 Symmetric scaling centres the codes (``z = 128``, ``s = max|x| / 127``); asymmetric scaling
 spans ``[min(x, 0), max(x, 0)]`` over 255 steps. Codes are unsigned in every form because
@@ -25,10 +31,10 @@ import torch
 
 from qcompile.errors import QcompileError
 
-__all__ = ["SCALINGS", "ActivationQuantSpec", "CODE_MAX", "MIN_SCALE", "quantize_codes",
-           "static_params", "token_params"]
+__all__ = ["SCALINGS", "ActivationQuantSpec", "CODE_MAX", "MIN_SCALE", "channel_params",
+           "quantize_codes", "static_params", "token_params"]
 
-SCALINGS = ("static-tensor", "dynamic-token")
+SCALINGS = ("static-tensor", "dynamic-token", "static-channel")
 CODE_MAX = 255
 _MID = 128
 #: the smallest scale: an all-zero row or tensor quantizes to its zero point instead of NaN
@@ -50,6 +56,10 @@ class ActivationQuantSpec:
         if self.bits != 8:
             raise QcompileError(f"{where}.bits = {self.bits}: activations are quantized to "
                                 "8 bits", "use bits: 8")
+        if self.scaling == "static-channel" and self.symmetric:
+            raise QcompileError(f"{where}: static-channel scaling is asymmetric (a zero point "
+                                "per channel is what centres each channel)",
+                                "use symmetric: false with scaling: static-channel")
 
     @property
     def dynamic(self) -> bool:
@@ -74,6 +84,17 @@ def static_params(low: torch.Tensor, high: torch.Tensor,
         return scale, torch.tensor(float(_MID))
     scale = torch.clamp((high - low) / CODE_MAX, min=MIN_SCALE)
     return scale, torch.clamp(torch.round(-low / scale), 0, CODE_MAX)
+
+
+def channel_params(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` for per-channel observed ranges ``[low_j, high_j]`` (``[K]`` each):
+    the float32 scalar scale that fits the widest channel in 255 steps, and each channel's
+    zero point, which puts its range's centre at code 127.5 (so every channel's codes stay
+    within [0, 255] up to half a step of rounding)."""
+    low, high = low.float(), torch.maximum(high.float(), low.float())
+    scale = torch.clamp(torch.amax(high - low) / CODE_MAX, min=MIN_SCALE)
+    centre = (low + high) / 2
+    return scale, torch.clamp(torch.round(CODE_MAX / 2 - centre / scale), 0, CODE_MAX)
 
 
 def token_params(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

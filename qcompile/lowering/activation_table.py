@@ -13,7 +13,13 @@ and, per token (``act_scale`` absent, symmetric)::
     q   = Cast(Clip(Round(x / s_t) + 128, 0, 255), uint8)
         -> Cast(MatMulInteger(q, W_kn, 128, w_z)) * s_t * w_s  [+ b]
 
-in the float32 operations and order of the torch reference (:func:`qcompile.ops.linear_w8a8`),
+and, per channel (``act_zero`` of shape ``[K]``, one scale)::
+
+    q = QuantizeLinear(x, [s] * K, z, axis=-1)
+        -> Cast(MatMulInteger(q, W_kn, 0, w_z) - z @ (W_kn - w_z)) * (s * w_s)  [+ b]
+
+(the zero points' product with the weights is an int32 constant per output), in the float32
+operations and order of the torch reference (:func:`qcompile.ops.linear_w8a8`),
 so the codes and the integer products are the same bits. The placeholder is expanded only
 after onnxscript's optimizer and ORT fusions ran: their multi-output patterns scan the whole
 graph per candidate, and a dozen nodes per linear made SmolLM2's lowering take 150 s instead
@@ -129,6 +135,8 @@ def _expand(graph: ir.Graph, node: ir.Node, scalars: _Scalars) -> None:
             raise ValueError(f"{name}: per-token activation scales must be symmetric")
         nodes = _token_codes(inputs["x"], scalars, name)
         scale, codes, zero = nodes[3].outputs[0], nodes[-1].outputs[0], scalars(128, np.uint8)
+    elif _per_channel(inputs["act_zero"]):
+        return _expand_per_channel(graph, node, inputs, weight_zero, name)
     else:
         zero = inputs["act_zero"]
         nodes = [ir.node("QuantizeLinear", [inputs["x"], act_scale, zero], name=f"{name}/Quantize")]
@@ -145,6 +153,45 @@ def _expand(graph: ir.Graph, node: ir.Node, scalars: _Scalars) -> None:
         both = ir.node("Mul", [act_scale, inputs["weight_scales"]], name=f"{name}/scales")
         nodes += [both, ir.node("Mul", [nodes[-1].outputs[0], both.outputs[0]],
                                 name=f"{name}/scale")]
+    if inputs.get("bias") is not None:
+        nodes.append(ir.node("Add", [nodes[-1].outputs[0], inputs["bias"]], name=f"{name}/bias"))
+    replace_node(graph, node, nodes)
+
+
+def _per_channel(zero: ir.Value) -> bool:
+    return zero.const_value is not None and len(zero.const_value.shape) == 1
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(list(array.shape)),
+                     type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _expand_per_channel(graph: ir.Graph, node: ir.Node, inputs: dict, weight_zero: ir.Value,
+                        name: str) -> None:
+    """``static-channel``: codes per channel zero point, their product with the weights'
+    centred codes subtracted in int32 (exact), then one float scale per output."""
+    zero = inputs["act_zero"].const_value.numpy().astype(np.int64)
+    weight = inputs["qweight"].const_value.numpy().astype(np.int64)  # [K, N]
+    weight_zero_codes = weight_zero.const_value.numpy().astype(np.int64)
+    correction = (zero @ (weight - weight_zero_codes)).astype(np.int32)  # [N]
+    scale = float(inputs["act_scale"].const_value.numpy())
+    scales = _constant(graph, f"{name}.act_scale_per_channel",
+                       np.full(zero.shape, scale, np.float32))
+    nodes = [ir.node("QuantizeLinear", [inputs["x"], scales, inputs["act_zero"]],
+                     {"axis": -1}, name=f"{name}/Quantize")]
+    nodes.append(ir.node("MatMulInteger", [nodes[-1].outputs[0], inputs["qweight"], None,
+                                           weight_zero], name=f"{name}/MatMulInteger"))
+    nodes.append(ir.node("Sub", [nodes[-1].outputs[0],
+                                 _constant(graph, f"{name}.act_zero_correction", correction)],
+                         name=f"{name}/centre"))
+    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.FLOAT},
+                         name=f"{name}/Cast"))
+    both = ir.node("Mul", [inputs["act_scale"], inputs["weight_scales"]], name=f"{name}/scales")
+    nodes += [both, ir.node("Mul", [nodes[-1].outputs[0], both.outputs[0]], name=f"{name}/scale")]
     if inputs.get("bias") is not None:
         nodes.append(ir.node("Add", [nodes[-1].outputs[0], inputs["bias"]], name=f"{name}/bias"))
     replace_node(graph, node, nodes)
