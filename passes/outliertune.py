@@ -8,7 +8,8 @@ output only. Both factors are an equivalent transform (:func:`~qcompile.algorith
 scale_folding.apply_scale`: ``1/s`` into the norm's weight, ``s`` into the linears' columns),
 and that is this pass: per decoder block, one pass over the calibration batches records each
 norm-fed group's per-channel minimum and maximum, and ``s_j = (max_j - min_j) / 255`` is
-folded in, so every channel of the folded input spans the same 255 steps. The per-channel
+folded in, so every channel of the folded input spans the same 255 steps (63 at ``bits: 6``,
+OutlierTune's W6A6). The per-channel
 shift that centres each range (OutlierTune's symmetrization) is the zero point of the
 ``static-channel`` activation format (:mod:`qcompile.formats.activation`), which
 ``quantize_activations`` calibrates after this pass; the groups fed by a linear (``v -> o``,
@@ -22,35 +23,52 @@ weights, :func:`~qcompile.passes.calibrated.calibrate_or_replay`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from qcompile.algorithms.scale_folding import apply_scale, scaling_groups, scaling_layout
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.calibration.observers import ChannelRange
-from qcompile.formats.activation import CODE_MAX
+from qcompile.errors import QcompileError
+from qcompile.formats.activation import ACTIVATION_BITS, code_max
 from qcompile.pass_infra import QPass, compose_options, register_pass
 
 from .calibrated import CalibrationFields, run_float_stage
 
-__all__ = ["OutlierTune", "OutlierTuneBlocks", "OutlierTuneOptions", "channel_scale"]
+__all__ = ["OutlierTune", "OutlierTuneBlocks", "OutlierTuneFields", "OutlierTuneOptions",
+           "channel_scale"]
 
 #: smallest per-channel scale (a constant channel stays put instead of dividing by zero)
 _FLOOR = 1e-5
 
-OutlierTuneOptions = compose_options("OutlierTuneOptions", CalibrationFields,
+@dataclasses.dataclass(frozen=True)
+class OutlierTuneFields:
+    """The activation code width the folded channels are sized for (8; 6 for W6A6)."""
+
+    bits: int = 8
+
+    def validate(self, where: str) -> None:
+        if self.bits not in ACTIVATION_BITS:
+            raise QcompileError(f"{where}.bits = {self.bits} is not an activation code width",
+                                f"use one of {', '.join(map(str, ACTIVATION_BITS))}")
+
+
+OutlierTuneOptions = compose_options("OutlierTuneOptions", CalibrationFields, OutlierTuneFields,
                                      doc="Calibration of OutlierTune's per-channel ranges.")
 
 
-def channel_scale(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """``s_j = (max_j - min_j) / 255``: after ``x / s`` every channel spans 255 steps."""
-    return ((high - low) / CODE_MAX).clamp(min=_FLOOR)
+def channel_scale(low: torch.Tensor, high: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``s_j = (max_j - min_j) / (2^bits - 1)``: after ``x / s`` every channel spans the
+    same number of steps (255 at 8 bits)."""
+    return ((high - low) / code_max(bits)).clamp(min=_FLOOR)
 
 
 class OutlierTuneBlocks(BlockAlgorithm):
     label = "OutlierTune"
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, bits: int = 8):
+        self.config, self.bits = config, bits
         self.folded: list[str] = []
 
     def process(self, job: BlockJob) -> None:
@@ -63,7 +81,7 @@ class OutlierTuneBlocks(BlockAlgorithm):
         for group in groups:
             low, high = (t.cpu() for t in ranges[group.linears[0]].result())
             apply_scale(modules[group.producer], [modules[n] for n in group.linears],
-                        channel_scale(low, high).to(job.device), group)
+                        channel_scale(low, high, self.bits).to(job.device), group)
             self.folded += [job.path(name) for name in group.linears]
 
     def layer_notes(self) -> dict[str, dict]:
@@ -80,4 +98,4 @@ class OutlierTune(QPass):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         scaling_layout(self.context.config, self.name)  # no layout: refused before calibrating
         return run_float_stage(graph_module, self.context, self.name, self.options,
-                               OutlierTuneBlocks(self.context.config))
+                               OutlierTuneBlocks(self.context.config, self.options.bits))

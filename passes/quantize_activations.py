@@ -52,6 +52,8 @@ class ActivationOptions:
 
     scaling: str = "static-tensor"
     symmetric: bool = True
+    #: code width: 8, or 6 (W6A6, with 6-bit weights)
+    bits: int = 8
     #: module-name patterns whose inputs stay float (their weights as the weight pass left them)
     keep_float: tuple = ()
     #: module-name patterns quantized per token (dynamic, symmetric) whatever ``scaling`` is
@@ -76,16 +78,17 @@ class ActivationOptions:
                                 " are required", "the defaults are 8 windows of 512 tokens")
 
     def spec(self) -> ActivationQuantSpec:
-        return ActivationQuantSpec(self.scaling, self.symmetric)
+        return ActivationQuantSpec(self.scaling, self.symmetric, self.bits)
 
     def spec_for(self, path: str) -> ActivationQuantSpec:
         if any(fnmatch.fnmatch(path, p) for p in self.per_token):
-            return ActivationQuantSpec("dynamic-token", True)
+            return ActivationQuantSpec("dynamic-token", True, self.bits)
         return self.spec()
 
 
 def _is_per_channel_int8(qweight: QuantizedWeight) -> bool:
-    return (qweight.bits == 8 and not qweight.per_ic and qweight.scales.dim() == 2
+    """Codes in a uint8 container (8-bit, or 6-bit for W6A6), one scale per output channel."""
+    return (qweight.container_bits == 8 and not qweight.per_ic and qweight.scales.dim() == 2
             and qweight.scales.shape[1] == 1)
 
 
@@ -119,7 +122,7 @@ class QuantizeActivations(QPass):
                 continue  # kept in float by the weight pass
             if not _is_per_channel_int8(qweight):
                 raise QcompileError(
-                    f"quantize_activations needs int8 per-channel weights; {path} is "
+                    f"quantize_activations needs int8 (or int6) per-channel weights; {path} is "
                     f"{qweight.bits}-bit in groups of {qweight.group_size}",
                     "quantize the weights with {bits: 8, group_size: 0} before it (W4A8 is "
                     "MatMulNBits with --accuracy-level 4, without this pass)")
@@ -172,8 +175,9 @@ class QuantizeActivations(QPass):
                    "weight_zero_points": None if qweight.zeros is None
                    else qweight.zeros[:, 0].to(torch.uint8).contiguous()}
         if observed is not None:
-            scale, zero = (channel_params(*observed) if spec.scaling == "static-channel"
-                           else static_params(*observed, spec.symmetric))
+            scale, zero = (channel_params(*observed, spec.bits)
+                           if spec.scaling == "static-channel"
+                           else static_params(*observed, spec.symmetric, spec.bits))
             tensors["act_scale"], tensors["act_zero"] = scale, zero.to(torch.uint8)
         attrs = {}
         with gm.graph.inserting_before(node):
@@ -186,7 +190,7 @@ class QuantizeActivations(QPass):
             new = gm.graph.call_function(torch.ops.qcompile.linear_w8a8.default, (
                 node.args[0], attrs["qweight"], attrs["weight_scales"],
                 attrs.get("weight_zero_points"), bias, attrs.get("act_scale"),
-                attrs.get("act_zero"), spec.symmetric))
+                attrs.get("act_zero"), spec.symmetric, spec.bits))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

@@ -24,7 +24,8 @@ checked against. The ``wN`` ops take ONNX Runtime's packed layout
   quantized embedding table ``[V, D*cbits/8]``, each row packed like a weight row (the block
   size divides D). Maps to ``GatherBlockQuantized``.
 * ``linear_w8a8(x, qweight, weight_scales, weight_zero_points, bias, act_scale, act_zero,
-  symmetric)``: ``x @ W.T + bias`` in integers, W8A8: the input quantized to uint8 codes
+  symmetric, act_bits)``: ``x @ W.T + bias`` in integers, W8A8 (W6A6 with ``act_bits`` 6 and
+  6-bit weight codes): the input quantized to uint8 codes
   (:mod:`qcompile.formats.activation`; static ``act_scale`` / ``act_zero``, or per token when
   they are ``None``), ``qweight`` the weight's uint8 codes as MatMul's ``[K, N]`` with one
   scale (and zero point; ``None``: 128) per output channel. The integer product is exact; it
@@ -178,12 +179,13 @@ def linear_w8a8(
     act_scale: torch.Tensor | None,
     act_zero: torch.Tensor | None,
     symmetric: bool,
+    act_bits: int = 8,
 ) -> torch.Tensor:
     if act_scale is None:
-        scale, zero = token_params(x, symmetric)
+        scale, zero = token_params(x, symmetric, act_bits)
     else:
         scale, zero = act_scale, act_zero.float()
-    codes = quantize_codes(x, scale, zero)
+    codes = quantize_codes(x, scale, zero, act_bits)
     weight_zero = 128.0 if weight_zero_points is None else weight_zero_points.double()
     # exact: |sum| < 2**53; rounded to float32 once, as ONNX Runtime's int32 -> float Cast
     product = ((codes.double() - zero.double()) @ (qweight.double() - weight_zero)).float()
@@ -196,5 +198,5 @@ def linear_w8a8(
 
 @linear_w8a8.register_fake
 def _linear_w8a8_fake(x, qweight, weight_scales, weight_zero_points, bias, act_scale, act_zero,
-                      symmetric):
+                      symmetric, act_bits=8):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))

@@ -68,3 +68,31 @@ def test_gptq_calibrates_after_the_fold(tiny_model_dir, tmp_path):
     summary = verify_bundle(tmp_path / "b")
     assert summary["passed"], json.dumps(summary, indent=1)
     assert summary["integer_codes"]["mismatched"] == []
+
+
+def test_w6a6_bundle_has_6_bit_codes_and_verifies(tiny_model_dir, tmp_path):
+    """OutlierTune's W6A6: 6-bit weight codes (uint8 container, 128 +- 32) and 6-bit
+    activation codes (clipped at 63) through the same integer MatMul."""
+    path = tmp_path / "w6a6.yaml"
+    path.write_text(f"passes:\n  - outliertune: {{bits: 6, {_CALIBRATION}}}\n"
+                    "  - quantize_weights_rtn: {bits: 6, group_size: 0, symmetric: true}\n"
+                    f"  - {_ACTIVATIONS.replace('symmetric: false', 'symmetric: false, bits: 6')}"
+                    "\n  - pack_weights\n")
+    report = compile_bundle(str(tiny_model_dir("llama")), str(path), "ort", tmp_path / "b")
+    assert all("a6" in v["activations"] for v in report["layers"].values() if "activations" in v)
+    model = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    tensors = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in (n for n in model.graph.node if n.op_type == "MatMulInteger"):
+        codes = tensors[node.input[1]]
+        assert codes.min() >= 96 and codes.max() <= 159, node.input[1]  # 6-bit, symmetric
+    summary = verify_bundle(tmp_path / "b")
+    assert summary["passed"], json.dumps(summary, indent=1)
+
+
+def test_six_bit_weight_only_bundle_verifies(tiny_model_dir, tmp_path):
+    path = tmp_path / "w6.yaml"
+    path.write_text("passes:\n  - quantize_weights_rtn: {bits: 6, group_size: 32}\n"
+                    "  - pack_weights\n")
+    compile_bundle(str(tiny_model_dir("llama")), str(path), "ort", tmp_path / "b")
+    summary = verify_bundle(tmp_path / "b")
+    assert summary["passed"], json.dumps(summary, indent=1)

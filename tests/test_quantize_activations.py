@@ -30,8 +30,9 @@ _CALIBRATE = "calibration_windows: 2, calibration_tokens: 64"
 
 
 class _W8A8Linear(torch.nn.Module):
-    def __init__(self, scaling: str, symmetric_weights: bool, seed: int = 0):
+    def __init__(self, scaling: str, symmetric_weights: bool, seed: int = 0, bits: int = 8):
         super().__init__()
+        self.bits = bits
         g = torch.Generator().manual_seed(seed)
         k, n = 48, 24
         self.register_buffer("qweight", torch.randint(0, 256, (k, n), generator=g,
@@ -42,11 +43,12 @@ class _W8A8Linear(torch.nn.Module):
         self.register_buffer("zeros", None if symmetric_weights else zeros)
         self.act = scaling != "dynamic-token"
         if scaling == "static-tensor":
-            scale, zero = static_params(torch.tensor(-3.0), torch.tensor(2.5), symmetric=False)
+            scale, zero = static_params(torch.tensor(-3.0), torch.tensor(2.5), symmetric=False,
+                                        bits=bits)
         elif scaling == "static-channel":  # channels of different centres and widths
             centre = torch.randn(k, generator=g) * 2
             width = torch.rand(k, generator=g) * 4 + 0.5
-            scale, zero = channel_params(centre - width, centre + width)
+            scale, zero = channel_params(centre - width, centre + width, bits)
         if self.act:
             self.register_buffer("act_scale", scale)
             self.register_buffer("act_zero", zero.to(torch.uint8))
@@ -55,7 +57,7 @@ class _W8A8Linear(torch.nn.Module):
         scale = self.act_scale if self.act else None
         zero = self.act_zero if self.act else None
         return torch.ops.qcompile.linear_w8a8(x, self.qweight, self.scales, self.zeros,
-                                              self.bias, scale, zero, True)
+                                              self.bias, scale, zero, True, self.bits)
 
 
 def _export(module: torch.nn.Module, x: torch.Tensor, path) -> onnx.ModelProto:
@@ -68,16 +70,18 @@ def _export(module: torch.nn.Module, x: torch.Tensor, path) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("scaling", ["static-tensor", "dynamic-token", "static-channel"])
 @pytest.mark.parametrize("symmetric_weights", [True, False], ids=["w-sym", "w-asym"])
+@pytest.mark.parametrize("bits", [8, 6], ids=["a8", "a6"])
 def test_onnx_translation_matches_the_torch_reference_bit_for_bit(scaling, symmetric_weights,
-                                                                 tmp_path):
+                                                                 bits, tmp_path):
     static = scaling != "dynamic-token"
-    module = _W8A8Linear(scaling, symmetric_weights)
+    module = _W8A8Linear(scaling, symmetric_weights, bits=bits)
     x = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(1)) * 2
     x[0, 3, 5] = 40.0  # an outlier: clipped by the static range, sets its token's scale
     want = module(x).numpy()
     model = _export(module, x, tmp_path / "m.onnx")
     kinds = {n.op_type for n in model.graph.node}
     assert "MatMulInteger" in kinds and ("QuantizeLinear" in kinds) == static, kinds
+    assert ("Clip" in kinds) == (bits < 8 or not static), kinds  # 6-bit codes: clipped at 63
     feed = {model.graph.input[0].name: x.numpy()}
     reference = ReferenceEvaluator(model).run(None, feed)[0]
     runtime = ort.InferenceSession(str(tmp_path / "m.onnx"),
@@ -90,6 +94,8 @@ def test_codes_round_half_to_even_and_saturate():
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, 1000.0, -1000.0])
     codes = quantize_codes(x, torch.tensor(1.0), torch.tensor(128.0))
     assert codes.tolist() == [128, 130, 130, 128, 255, 0]
+    six = quantize_codes(x, torch.tensor(1.0), torch.tensor(32.0), bits=6)
+    assert six.tolist() == [32, 34, 34, 32, 63, 0]
     scale, zero = token_params(torch.tensor([[0.0, 0.0], [-2.54, 1.0]]), symmetric=True)
     assert scale[0, 0] > 0 and zero.flatten().tolist() == [128, 128]  # an all-zero row
     assert float(scale[1, 0]) == pytest.approx(0.02)
@@ -162,7 +168,7 @@ def test_int4_weights_and_asymmetric_dynamic_scaling_are_refused(tiny_model_dir,
     recipe = tmp_path / "w4a8.yaml"
     recipe.write_text("passes:\n  - quantize_weights_rtn: {bits: 4}\n"
                       "  - quantize_activations: {scaling: dynamic-token}\n  - pack_weights\n")
-    with pytest.raises(QcompileError, match="needs int8 per-channel weights"):
+    with pytest.raises(QcompileError, match="needs int8 .or int6. per-channel weights"):
         compile_bundle(str(tiny_model_dir("llama")), str(recipe), "ort", tmp_path / "x")
     assert not (tmp_path / "x").exists()
     with pytest.raises(QcompileError, match="dynamic-token scaling is symmetric only"):

@@ -4,6 +4,9 @@ An activation is quantized to unsigned 8-bit codes with a zero point, ``x ≈ (q
 
     q = clamp(round(x / s) + z, 0, 255)          round half to even, as ONNX QuantizeLinear
 
+(6-bit codes, W6A6: ``0 .. 63`` in the same uint8 tensors, zero point 32 when symmetric;
+every 255 / 127 / 128 below becomes 63 / 31 / 32.)
+
 * ``static-tensor``: one ``(s, z)`` for the whole tensor, calibrated ahead of time from the
   range an observer saw (:func:`static_params`).
 * ``dynamic-token``: one ``(s, z)`` per token (row), computed from the row itself at run time
@@ -31,12 +34,24 @@ import torch
 
 from qcompile.errors import QcompileError
 
-__all__ = ["SCALINGS", "ActivationQuantSpec", "CODE_MAX", "MIN_SCALE", "channel_params",
-           "quantize_codes", "static_params", "token_params"]
+__all__ = ["ACTIVATION_BITS", "SCALINGS", "ActivationQuantSpec", "CODE_MAX", "MIN_SCALE",
+           "channel_params", "code_max", "code_mid", "quantize_codes", "static_params",
+           "token_params"]
 
 SCALINGS = ("static-tensor", "dynamic-token", "static-channel")
 CODE_MAX = 255
-_MID = 128
+#: activation code widths: 8, and 6 for W6A6 (codes 0..63 in the same uint8 tensors)
+ACTIVATION_BITS = (6, 8)
+
+
+def code_max(bits: int = 8) -> int:
+    """The highest ``bits``-wide code (255 at 8 bits)."""
+    return (1 << bits) - 1
+
+
+def code_mid(bits: int = 8) -> int:
+    """The symmetric zero point (128 at 8 bits); symmetric codes span ``mid ± (mid - 1)``."""
+    return 1 << (bits - 1)
 #: the smallest scale: an all-zero row or tensor quantizes to its zero point instead of NaN
 MIN_SCALE = 1e-12
 
@@ -53,9 +68,9 @@ class ActivationQuantSpec:
         if self.scaling not in SCALINGS:
             raise QcompileError(f"{where}.scaling = {self.scaling!r} is not an activation "
                                 "scaling", f"use one of {', '.join(SCALINGS)}")
-        if self.bits != 8:
+        if self.bits not in ACTIVATION_BITS:
             raise QcompileError(f"{where}.bits = {self.bits}: activations are quantized to "
-                                "8 bits", "use bits: 8")
+                                "6 or 8 bits", "use bits: 8 (or 6 for W6A6)")
         if self.scaling == "static-channel" and self.symmetric:
             raise QcompileError(f"{where}: static-channel scaling is asymmetric (a zero point "
                                 "per channel is what centres each channel)",
@@ -70,41 +85,47 @@ class ActivationQuantSpec:
         return f"a{self.bits} {self.scaling} {kind}"
 
 
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Float tensor of codes ``clamp(round(x / scale) + zero, 0, 255)`` (float32 math)."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, CODE_MAX)
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   bits: int = 8) -> torch.Tensor:
+    """Float tensor of codes ``clamp(round(x / scale) + zero, 0, 2^bits - 1)`` (float32)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, code_max(bits))
 
 
-def static_params(low: torch.Tensor, high: torch.Tensor,
-                  symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def static_params(low: torch.Tensor, high: torch.Tensor, symmetric: bool,
+                  bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero)`` float32 scalars for the observed range ``[low, high]``."""
     low, high = torch.clamp(low.float(), max=0), torch.clamp(high.float(), min=0)
+    top, mid = code_max(bits), code_mid(bits)
     if symmetric:
-        scale = torch.clamp(torch.maximum(-low, high) / 127, min=MIN_SCALE)
-        return scale, torch.tensor(float(_MID))
-    scale = torch.clamp((high - low) / CODE_MAX, min=MIN_SCALE)
-    return scale, torch.clamp(torch.round(-low / scale), 0, CODE_MAX)
+        scale = torch.clamp(torch.maximum(-low, high) / (mid - 1), min=MIN_SCALE)
+        return scale, torch.tensor(float(mid))
+    scale = torch.clamp((high - low) / top, min=MIN_SCALE)
+    return scale, torch.clamp(torch.round(-low / scale), 0, top)
 
 
-def channel_params(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_params(low: torch.Tensor, high: torch.Tensor,
+                   bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero)`` for per-channel observed ranges ``[low_j, high_j]`` (``[K]`` each):
-    the float32 scalar scale that fits the widest channel in 255 steps, and each channel's
-    zero point, which puts its range's centre at code 127.5 (so every channel's codes stay
-    within [0, 255] up to half a step of rounding)."""
+    the float32 scalar scale that fits the widest channel in ``2^bits - 1`` steps, and each
+    channel's zero point, which puts its range's centre mid-code (127.5 at 8 bits, so every
+    channel's codes stay within [0, 255] up to half a step of rounding)."""
     low, high = low.float(), torch.maximum(high.float(), low.float())
-    scale = torch.clamp(torch.amax(high - low) / CODE_MAX, min=MIN_SCALE)
+    top = code_max(bits)
+    scale = torch.clamp(torch.amax(high - low) / top, min=MIN_SCALE)
     centre = (low + high) / 2
-    return scale, torch.clamp(torch.round(CODE_MAX / 2 - centre / scale), 0, CODE_MAX)
+    return scale, torch.clamp(torch.round(top / 2 - centre / scale), 0, top)
 
 
-def token_params(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def token_params(x: torch.Tensor, symmetric: bool,
+                 bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero)`` per row of ``x`` (``[..., 1]``), in the operations the ONNX graph
     runs (``ReduceMax``/``ReduceMin``, ``Div``, ``Max``, ``Round``, ``Clip``)."""
+    top, mid = code_max(bits), code_mid(bits)
     if symmetric:
         peak = torch.amax(torch.abs(x), dim=-1, keepdim=True)
-        scale = torch.clamp(peak / 127, min=MIN_SCALE)
-        return scale, torch.full_like(scale, float(_MID))
+        scale = torch.clamp(peak / (mid - 1), min=MIN_SCALE)
+        return scale, torch.full_like(scale, float(mid))
     low = torch.clamp(torch.amin(x, dim=-1, keepdim=True), max=0)
     high = torch.clamp(torch.amax(x, dim=-1, keepdim=True), min=0)
-    scale = torch.clamp((high - low) / CODE_MAX, min=MIN_SCALE)
-    return scale, torch.clamp(torch.round(-low / scale), 0, CODE_MAX)
+    scale = torch.clamp((high - low) / top, min=MIN_SCALE)
+    return scale, torch.clamp(torch.round(-low / scale), 0, top)

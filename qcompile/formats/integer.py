@@ -6,7 +6,7 @@ in this form), the ``qcompile::`` reference ops and the targets' packers all use
 
 * Codes are unsigned integers in a *container* of 2, 4 or 8 bits. A 3-bit code lives in a 4-bit
   container (neither ONNX nor ONNX Runtime has a 3-bit type): its range is 3-bit, its storage
-  4-bit.
+  4-bit; a 6-bit code (W6A6) likewise lives in an 8-bit container.
 * Asymmetric blocks carry an integer zero point; symmetric ones use the container's mid-point
   ``2^(container-1)`` (what ``MatMulNBits`` assumes without zero points, and what a signed
   ONNX type means after subtracting it).
@@ -45,14 +45,15 @@ __all__ = [
 ]
 
 FAMILY = "int"
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 6, 8)
 
 
 def container_bits(bits: int) -> int:
-    """The storage width of a ``bits``-wide code (3-bit codes use 4-bit storage)."""
+    """The storage width of a ``bits``-wide code (3-bit codes use 4-bit storage, 6-bit codes
+    8-bit storage: W6A6's integer products read them as uint8)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported weight bit width {bits}; choose one of {SUPPORTED_BITS}")
-    return {2: 2, 3: 4, 4: 4, 8: 8}[bits]
+    return {2: 2, 3: 4, 4: 4, 6: 8, 8: 8}[bits]
 
 
 def effective_group_size(group_size: int, in_features: int) -> int:

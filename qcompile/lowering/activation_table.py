@@ -38,7 +38,7 @@ import onnxscript
 import torch
 from onnx.defs import OpSchema
 
-from qcompile.formats.activation import MIN_SCALE
+from qcompile.formats.activation import MIN_SCALE, code_max, code_mid
 from qcompile.lowering.per_ic import FLOAT_TYPES, PLACEHOLDER_DOMAIN, schema_param
 from qcompile.lowering.qdq_graph import attribute, replace_node
 
@@ -59,7 +59,8 @@ def _schema() -> OpSchema:
                 for n in _INPUTS],
         outputs=[param("Y", "T1")],
         type_constraints=[("T1", FLOAT_TYPES, ""), ("T2", ["tensor(uint8)"], "")],
-        attributes=[OpSchema.Attribute("symmetric", OpSchema.AttrType.INT, "", required=True)],
+        attributes=[OpSchema.Attribute("symmetric", OpSchema.AttrType.INT, "", required=True),
+                    OpSchema.Attribute("bits", OpSchema.AttrType.INT, "", required=True)],
     )
 
 
@@ -69,9 +70,9 @@ _QCOMPILE = onnxscript.values.Opset(PLACEHOLDER_DOMAIN, 1)
 
 
 def linear_w8a8(x, qweight, weight_scales, weight_zero_points, bias, act_scale, act_zero,
-                symmetric):
+                symmetric, act_bits=8):
     return _QCOMPILE.LinearW8A8(x, qweight, weight_scales, weight_zero_points, bias, act_scale,
-                                act_zero, symmetric=int(symmetric))
+                                act_zero, symmetric=int(symmetric), bits=int(act_bits))
 
 
 def activation_translation_table() -> dict:
@@ -105,23 +106,36 @@ class _Scalars:
         return self.values[name]
 
 
-def _token_codes(x: ir.Value, scalars: _Scalars, name: str) -> list[ir.Node]:
+def _token_codes(x: ir.Value, scalars: _Scalars, name: str, bits: int) -> list[ir.Node]:
     """Per-token symmetric scale and uint8 codes of ``x`` (scale: nodes[3], codes: last)."""
     f32 = np.float32
+    top, mid = float(code_max(bits)), float(code_mid(bits))
     nodes = [ir.node("Abs", [x], name=f"{name}/Abs")]
     nodes.append(ir.node("ReduceMax", [nodes[-1].outputs[0], scalars.last_axis()],
                          {"keepdims": 1},
                          name=f"{name}/ReduceMax"))
-    nodes.append(ir.node("Div", [nodes[-1].outputs[0], scalars(127.0, f32)], name=f"{name}/Div"))
+    nodes.append(ir.node("Div", [nodes[-1].outputs[0], scalars(mid - 1, f32)], name=f"{name}/Div"))
     nodes.append(ir.node("Max", [nodes[-1].outputs[0], scalars(MIN_SCALE, f32)],
                          name=f"{name}/scale"))
     nodes.append(ir.node("Div", [x, nodes[-1].outputs[0]], name=f"{name}/scaled"))
     nodes.append(ir.node("Round", [nodes[-1].outputs[0]], name=f"{name}/Round"))
-    nodes.append(ir.node("Add", [nodes[-1].outputs[0], scalars(128.0, f32)], name=f"{name}/shift"))
+    nodes.append(ir.node("Add", [nodes[-1].outputs[0], scalars(mid, f32)], name=f"{name}/shift"))
     nodes.append(ir.node("Clip", [nodes[-1].outputs[0], scalars(0.0, f32),
-                                  scalars(255.0, f32)], name=f"{name}/Clip"))
+                                  scalars(top, f32)], name=f"{name}/Clip"))
     nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.UINT8},
                          name=f"{name}/codes"))
+    return nodes
+
+
+def _static_codes(x: ir.Value, scale: ir.Value, zero: ir.Value, bits: int, scalars: _Scalars,
+                  name: str, axis: int | None = None) -> list[ir.Node]:
+    """``QuantizeLinear`` (per tensor, or per channel on ``axis``), and below 8 bits a
+    ``Clip`` of its uint8 codes to ``2^bits - 1`` (QuantizeLinear saturates at 255)."""
+    attrs = {} if axis is None else {"axis": axis}
+    nodes = [ir.node("QuantizeLinear", [x, scale, zero], attrs, name=f"{name}/Quantize")]
+    if bits < 8:
+        nodes.append(ir.node("Clip", [nodes[-1].outputs[0], scalars(0, np.uint8),
+                                      scalars(code_max(bits), np.uint8)], name=f"{name}/Clip"))
     return nodes
 
 
@@ -129,17 +143,18 @@ def _expand(graph: ir.Graph, node: ir.Node, scalars: _Scalars) -> None:
     inputs = dict(zip(_INPUTS, node.inputs))
     name = inputs["qweight"].name.removesuffix(".qweight")
     weight_zero = inputs.get("weight_zero_points") or scalars(128, np.uint8)
-    act_scale = inputs.get("act_scale")
+    act_scale, bits = inputs.get("act_scale"), attribute(node, "bits")
     if act_scale is None:
         if not attribute(node, "symmetric"):
             raise ValueError(f"{name}: per-token activation scales must be symmetric")
-        nodes = _token_codes(inputs["x"], scalars, name)
-        scale, codes, zero = nodes[3].outputs[0], nodes[-1].outputs[0], scalars(128, np.uint8)
+        nodes = _token_codes(inputs["x"], scalars, name, bits)
+        scale, codes = nodes[3].outputs[0], nodes[-1].outputs[0]
+        zero = scalars(code_mid(bits), np.uint8)
     elif _per_channel(inputs["act_zero"]):
-        return _expand_per_channel(graph, node, inputs, weight_zero, name)
+        return _expand_per_channel(graph, node, inputs, weight_zero, name, scalars)
     else:
         zero = inputs["act_zero"]
-        nodes = [ir.node("QuantizeLinear", [inputs["x"], act_scale, zero], name=f"{name}/Quantize")]
+        nodes = _static_codes(inputs["x"], act_scale, zero, bits, scalars, name)
         codes = nodes[-1].outputs[0]
     nodes.append(ir.node("MatMulInteger", [codes, inputs["qweight"], zero, weight_zero],
                          name=f"{name}/MatMulInteger"))
@@ -171,7 +186,7 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _expand_per_channel(graph: ir.Graph, node: ir.Node, inputs: dict, weight_zero: ir.Value,
-                        name: str) -> None:
+                        name: str, scalars: _Scalars) -> None:
     """``static-channel``: codes per channel zero point, their product with the weights'
     centred codes subtracted in int32 (exact), then one float scale per output."""
     zero = inputs["act_zero"].const_value.numpy().astype(np.int64)
@@ -181,8 +196,8 @@ def _expand_per_channel(graph: ir.Graph, node: ir.Node, inputs: dict, weight_zer
     scale = float(inputs["act_scale"].const_value.numpy())
     scales = _constant(graph, f"{name}.act_scale_per_channel",
                        np.full(zero.shape, scale, np.float32))
-    nodes = [ir.node("QuantizeLinear", [inputs["x"], scales, inputs["act_zero"]],
-                     {"axis": -1}, name=f"{name}/Quantize")]
+    nodes = _static_codes(inputs["x"], scales, inputs["act_zero"], attribute(node, "bits"),
+                          scalars, name, axis=-1)
     nodes.append(ir.node("MatMulInteger", [nodes[-1].outputs[0], inputs["qweight"], None,
                                            weight_zero], name=f"{name}/MatMulInteger"))
     nodes.append(ir.node("Sub", [nodes[-1].outputs[0],

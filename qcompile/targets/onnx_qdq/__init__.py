@@ -2,7 +2,7 @@
 
 | linear weights | embedding | ONNX ops |
 |---|---|---|
-| 3/4/8-bit (int4/uint4, int8/uint8) | 8-bit | DequantizeLinear + MatMul / Gather |
+| 3/4/6/8-bit (int4/uint4, int8/uint8) | 8-bit | DequantizeLinear + MatMul / Gather |
 
 Any ONNX runtime can load it; ONNX Runtime's optimizer fuses the DQ -> MatMul pairs into
 MatMulNBits. It has no int4 Gather and no GroupQueryAttention, so the KV cache is either float
@@ -18,7 +18,7 @@ from qcompile.targets.base import Target
 TARGET = Target(
     "onnx-qdq",
     "standard ONNX opset 21: int4/int8 weights, DequantizeLinear feeding MatMul",
-    linear_bits=(3, 4, 8),
+    linear_bits=(3, 4, 6, 8),
     embedding_bits=(8,),
     default_recipe="w4a16-gptq-g32-qdq",
     translation="qcompile.targets.onnx_qdq.translation:translation_table",

@@ -2,7 +2,7 @@
 
 | linear weights | embedding | ONNX ops |
 |---|---|---|
-| 2/3/4/8-bit, groups or per-channel | 2/3/4/8-bit | MatMulNBits, GatherBlockQuantized, GroupQueryAttention |
+| 2/3/4/6/8-bit, groups or per-channel (6-bit in MatMulNBits' 8-bit form) | 2/3/4/8-bit | MatMulNBits, GatherBlockQuantized, GroupQueryAttention |
 
 A per-channel weight whose K is not a power of two is written as DequantizeLinear + MatMul
 (ONNX Runtime fuses it into MatMulNBits at load time) instead of zero-padding its one block.
@@ -17,7 +17,7 @@ from qcompile.targets.base import Target
 TARGET = Target(
     "ort",
     "ONNX Runtime contrib ops (MatMulNBits, GatherBlockQuantized, GroupQueryAttention)",
-    linear_bits=(2, 3, 4, 8),
+    linear_bits=(2, 3, 4, 6, 8),
     embedding_bits=(2, 3, 4, 8),
     default_recipe="w4a16-gptq-g32-kv8",
     translation="qcompile.targets.ort.translation:translation_table",
