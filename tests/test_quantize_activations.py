@@ -176,3 +176,55 @@ def test_int4_weights_and_asymmetric_dynamic_scaling_are_refused(tiny_model_dir,
                        _recipe(tmp_path, "dynamic-token", ", symmetric: false"), "ort",
                        tmp_path / "y")
     assert not (tmp_path / "y").exists()
+
+
+def _u8_x_s8_saturates() -> bool:
+    """Whether this CPU's u8 x s8 MatMulInteger is wrong with full-range int8 weights (int16
+    pair sums on AVX2 without VNNI)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (16, 256)).astype(np.uint8)
+    b = rng.integers(-128, 128, (256, 32)).astype(np.int8)
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [16, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [16, 32])],
+                              [onnx.numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    got = ort.InferenceSession(model.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"a": a})[0]
+    return not np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
+
+
+def test_verify_catches_a_bundle_rewritten_to_u8_x_s8_where_that_kernel_saturates(
+        tiny_model_dir, tmp_path):
+    """The same integer product written as u8 x s8 (weights' codes - 128 as int8, zero point
+    0: exact in integer math) must fail verify's ONNX Runtime stages on a CPU whose u8 x s8
+    kernel saturates: the ladder, not only the lowering, protects users from that kernel."""
+    if not _u8_x_s8_saturates():
+        pytest.skip("this CPU's u8 x s8 MatMulInteger is exact (VNNI): nothing to catch")
+    compile_bundle(str(tiny_model_dir("llama")), _recipe(tmp_path, "dynamic-token"), "ort",
+                   tmp_path / "b")
+    path = tmp_path / "b" / "model.onnx"
+
+    def rewritten(to_s8: bool) -> dict:
+        model = onnx.load(str(path))
+        weights = {i.name: i for i in model.graph.initializer}
+        for node in (n for n in model.graph.node if n.op_type == "MatMulInteger" and to_s8):
+            codes = onnx.numpy_helper.to_array(weights[node.input[1]]).astype(np.int16)
+            weights[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(
+                (codes - 128).astype(np.int8), node.input[1]))
+            zero = f"{node.input[1]}.s8_zero"
+            model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int8),
+                                                                        zero))
+            node.input[3] = zero
+        onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        summary = verify_bundle(tmp_path / "b")
+        return {s["stage"]: s for s in summary["stages"] if s["stage"].startswith("ort-")}
+
+    control = rewritten(to_s8=False)  # the same save, u8 x u8: passes, close to torch
+    assert all(s["passed"] and s["rel_l2"] < 0.005 for s in control.values()), control
+    s8 = rewritten(to_s8=True)
+    assert s8 and not any(s["passed"] for s in s8.values()), s8
+    assert all(s["rel_l2"] > 50 * control[name]["rel_l2"] for name, s in s8.items()), s8
