@@ -189,8 +189,8 @@ def linear_w8a8(
     weight_zero = 128.0 if weight_zero_points is None else weight_zero_points.double()
     # exact: |sum| < 2**53; rounded to float32 once, as ONNX Runtime's int32 -> float Cast
     product = ((codes.double() - zero.double()) @ (qweight.double() - weight_zero)).float()
-    if act_scale is None:
-        out = product * scale * weight_scales
+    if act_scale is None:  # per output channel first: MatMulIntegerToFloat's product, then
+        out = product * weight_scales * scale  # the token's scale (the ort target's order)
     else:
         out = product * (act_scale * weight_scales)
     return out if bias is None else out + bias

@@ -50,7 +50,9 @@ def test_outliertune_bundle_verifies_with_per_channel_and_per_token_linears(tiny
         assert folded == (not linear_fed), path
     model = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulInteger") == 14
+    # static-channel linears: MatMulInteger + the int32 correction; per-token ones: ORT's
+    # MatMulIntegerToFloat (the ort target)
+    assert ops.count("MatMulInteger") == 10 and ops.count("MatMulIntegerToFloat") == 4
     assert ops.count("Sub") >= 10  # the per-channel zero points' int32 correction, 5 a layer
     summary = verify_bundle(tmp_path / "b")
     assert summary["passed"], json.dumps(summary, indent=1)
@@ -82,7 +84,8 @@ def test_w6a6_bundle_has_6_bit_codes_and_verifies(tiny_model_dir, tmp_path):
     assert all("a6" in v["activations"] for v in report["layers"].values() if "activations" in v)
     model = onnx.load(str(tmp_path / "b" / "model.onnx"))
     tensors = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in (n for n in model.graph.node if n.op_type == "MatMulInteger"):
+    for node in (n for n in model.graph.node
+                 if n.op_type in ("MatMulInteger", "MatMulIntegerToFloat")):
         codes = tensors[node.input[1]]
         assert codes.min() >= 96 and codes.max() <= 159, node.input[1]  # 6-bit, symmetric
     summary = verify_bundle(tmp_path / "b")

@@ -60,11 +60,12 @@ class _W8A8Linear(torch.nn.Module):
                                               self.bias, scale, zero, True, self.bits)
 
 
-def _export(module: torch.nn.Module, x: torch.Tensor, path) -> onnx.ModelProto:
+def _export(module: torch.nn.Module, x: torch.Tensor, path,
+            integer_to_float: bool = False) -> onnx.ModelProto:
     program = torch.export.export(module, (x,))
     onnx_program = torch.onnx.export(program, (x,), dynamo=True, opset_version=21,
                                      custom_translation_table=activation_translation_table())
-    ir.save(expand_w8a8(onnx_program.model), str(path))
+    ir.save(expand_w8a8(onnx_program.model, integer_to_float), str(path))
     return onnx.load(str(path))
 
 
@@ -88,6 +89,24 @@ def test_onnx_translation_matches_the_torch_reference_bit_for_bit(scaling, symme
                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
     np.testing.assert_array_equal(reference, want)
     np.testing.assert_array_equal(runtime, want)
+
+
+@pytest.mark.parametrize("scaling", ["static-tensor", "dynamic-token"])
+@pytest.mark.parametrize("symmetric_weights", [True, False], ids=["w-sym", "w-asym"])
+def test_ort_integer_to_float_kernel_matches_the_torch_reference_bit_for_bit(
+        scaling, symmetric_weights, tmp_path):
+    """The ort target's form (com.microsoft::MatMulIntegerToFloat, u8 x u8) computes the
+    reference's float32 operations: the same bits in ONNX Runtime."""
+    module = _W8A8Linear(scaling, symmetric_weights)
+    x = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(1)) * 2
+    x[0, 3, 5] = 40.0
+    model = _export(module, x, tmp_path / "m.onnx", integer_to_float=True)
+    kinds = {n.op_type for n in model.graph.node}
+    assert "MatMulIntegerToFloat" in kinds and "MatMulInteger" not in kinds, kinds
+    feed = {model.graph.input[0].name: x.numpy()}
+    runtime = ort.InferenceSession(str(tmp_path / "m.onnx"),
+                                   providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_array_equal(runtime, module(x).numpy())
 
 
 def test_codes_round_half_to_even_and_saturate():
@@ -126,7 +145,12 @@ def _recipe(tmp_path, scaling: str, extra: str = "") -> str:
 
 def _integer_matmuls(bundle) -> list[onnx.NodeProto]:
     model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
-    return [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    return [n for n in model.graph.node if n.op_type in _INTEGER_MATMULS]
+
+
+#: the integer products a W8A8 bundle may hold: standard ONNX, or (ort target) ORT's kernel
+#: that scales the product in the same call
+_INTEGER_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat")
 
 
 @pytest.mark.parametrize("target", ["ort", "onnx-qdq"])
@@ -149,7 +173,10 @@ def test_w8a8_bundle_verifies_and_never_multiplies_u8_by_s8(scaling, target, tin
         assert keys == {"pkg.torch.onnx.name_scopes"}, keys
     summary = verify_bundle(tmp_path / "b")
     assert summary["passed"], json.dumps(summary, indent=1)
-    assert summary["ort_fused_ops"]["MatMulInteger"] == 14  # what ORT's optimizer leaves
+    # what ORT's optimizer leaves: the ort target's static and per-token linears are ORT's
+    # MatMulIntegerToFloat; onnx-qdq's stay standard MatMulInteger
+    kernel = "com.microsoft::MatMulIntegerToFloat" if target == "ort" else "MatMulInteger"
+    assert summary["ort_fused_ops"][kernel] == 14, summary["ort_fused_ops"]
     stages = {s["stage"]: s for s in summary["stages"]}
     assert stages["lowered"]["rel_max"] == 0.0  # the integer op is the act-quant stage's own
     # 14 W8A8 weights and the lm_head (onnx-qdq stores the tied embedding's codes apart)
@@ -211,14 +238,14 @@ def test_verify_catches_a_bundle_rewritten_to_u8_x_s8_where_that_kernel_saturate
     def rewritten(to_s8: bool) -> dict:
         model = onnx.load(str(path))
         weights = {i.name: i for i in model.graph.initializer}
-        for node in (n for n in model.graph.node if n.op_type == "MatMulInteger" and to_s8):
+        for node in (n for n in model.graph.node if n.op_type in _INTEGER_MATMULS and to_s8):
             codes = onnx.numpy_helper.to_array(weights[node.input[1]]).astype(np.int16)
             weights[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(
                 (codes - 128).astype(np.int8), node.input[1]))
             zero = f"{node.input[1]}.s8_zero"
             model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int8),
                                                                         zero))
-            node.input[3] = zero
+            node.input[3 if node.op_type == "MatMulInteger" else 5] = zero
         onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
         summary = verify_bundle(tmp_path / "b")
         return {s["stage"]: s for s in summary["stages"] if s["stage"].startswith("ort-")}

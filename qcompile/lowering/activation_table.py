@@ -45,6 +45,7 @@ from qcompile.lowering.qdq_graph import attribute, replace_node
 __all__ = ["activation_translation_table", "expand_w8a8"]
 
 _OP = "LinearW8A8"
+_MS_DOMAIN = "com.microsoft"
 _INPUTS = ("x", "qweight", "weight_scales", "weight_zero_points", "bias", "act_scale",
            "act_zero")
 
@@ -139,7 +140,32 @@ def _static_codes(x: ir.Value, scale: ir.Value, zero: ir.Value, bits: int, scala
     return nodes
 
 
-def _expand(graph: ir.Graph, node: ir.Node, scalars: _Scalars) -> None:
+def _to_float_kernel(graph: ir.Graph, node: ir.Node, inputs: dict, nodes: list[ir.Node],
+                     codes: ir.Value, zero: ir.Value, weight_zero: ir.Value, scalars: _Scalars,
+                     token_scale: ir.Value | None) -> None:
+    """``com.microsoft::MatMulIntegerToFloat`` (u8 x u8): the integer product times
+    ``act_scale * w_s`` (+ bias) in one kernel, the same float32 operations as Cast and Mul
+    (``tests/test_quantize_activations.py``); per token its activation scale is 1 and the
+    token's scale multiplies after it (its ``A_scale`` is per tensor only)."""
+    name = inputs["qweight"].name.removesuffix(".qweight")
+    per_tensor = token_scale is None
+    bias = inputs.get("bias") if per_tensor else None
+    act_scale = inputs["act_scale"] if per_tensor else scalars(1.0, np.float32)
+    nodes.append(ir.node("MatMulIntegerToFloat",
+                         [codes, inputs["qweight"], act_scale, inputs["weight_scales"], zero,
+                          weight_zero, *([bias] if bias is not None else [])],
+                         domain=_MS_DOMAIN, name=f"{name}/MatMulIntegerToFloat"))
+    if not per_tensor:
+        nodes.append(ir.node("Mul", [nodes[-1].outputs[0], token_scale],
+                             name=f"{name}/token_scale"))
+        if inputs.get("bias") is not None:
+            nodes.append(ir.node("Add", [nodes[-1].outputs[0], inputs["bias"]],
+                                 name=f"{name}/bias"))
+    replace_node(graph, node, nodes)
+
+
+def _expand(graph: ir.Graph, node: ir.Node, scalars: _Scalars,
+            integer_to_float: bool = False) -> None:
     inputs = dict(zip(_INPUTS, node.inputs))
     name = inputs["qweight"].name.removesuffix(".qweight")
     weight_zero = inputs.get("weight_zero_points") or scalars(128, np.uint8)
@@ -156,14 +182,17 @@ def _expand(graph: ir.Graph, node: ir.Node, scalars: _Scalars) -> None:
         zero = inputs["act_zero"]
         nodes = _static_codes(inputs["x"], act_scale, zero, bits, scalars, name)
         codes = nodes[-1].outputs[0]
+    if integer_to_float:
+        return _to_float_kernel(graph, node, inputs, nodes, codes, zero, weight_zero, scalars,
+                                scale if act_scale is None else None)
     nodes.append(ir.node("MatMulInteger", [codes, inputs["qweight"], zero, weight_zero],
                          name=f"{name}/MatMulInteger"))
     nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.FLOAT},
                          name=f"{name}/Cast"))
     if act_scale is None:
-        nodes.append(ir.node("Mul", [nodes[-1].outputs[0], scale], name=f"{name}/token_scale"))
         nodes.append(ir.node("Mul", [nodes[-1].outputs[0], inputs["weight_scales"]],
                              name=f"{name}/weight_scale"))
+        nodes.append(ir.node("Mul", [nodes[-1].outputs[0], scale], name=f"{name}/token_scale"))
     else:
         both = ir.node("Mul", [act_scale, inputs["weight_scales"]], name=f"{name}/scales")
         nodes += [both, ir.node("Mul", [nodes[-1].outputs[0], both.outputs[0]],
@@ -212,12 +241,16 @@ def _expand_per_channel(graph: ir.Graph, node: ir.Node, inputs: dict, weight_zer
     replace_node(graph, node, nodes)
 
 
-def expand_w8a8(model: ir.Model) -> ir.Model:
-    """Replace every W8A8 placeholder in ``model`` by the standard integer ops above."""
+def expand_w8a8(model: ir.Model, integer_to_float: bool = False) -> ir.Model:
+    """Replace every W8A8 placeholder in ``model`` by the standard integer ops above, or
+    (``integer_to_float``: a target with ONNX Runtime's contrib ops) by
+    ``com.microsoft::MatMulIntegerToFloat`` where the scaling allows it."""
     scalars = _Scalars(model.graph)
     for node in list(model.graph):
         if node.domain == PLACEHOLDER_DOMAIN and node.op_type == _OP:
-            _expand(model.graph, node, scalars)
+            _expand(model.graph, node, scalars, integer_to_float)
+    if integer_to_float and _MS_DOMAIN not in model.opset_imports:
+        model.opset_imports[_MS_DOMAIN] = 1
     if not any(node.domain == PLACEHOLDER_DOMAIN for node in model.graph):
         model.opset_imports.pop(PLACEHOLDER_DOMAIN, None)
     return model

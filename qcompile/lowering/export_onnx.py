@@ -195,7 +195,8 @@ def export_onnx(
     attention = op_counts(model).get("com.microsoft::GroupQueryAttention", 0)
     if attention:
         fusions = {"GroupQueryAttention": attention, **fusions}
-    model = expand_w8a8(model)  # after the fusions: see activation_table
+    model = expand_w8a8(model, integer_to_float=target.fuse)  # after the fusions: see
+    # activation_table; ORT's own MatMulIntegerToFloat fusion did not apply to constant scales
     model = _cleanup(share_tied_tables(model))  # last: constant folding would copy it again
     drop_stack_traces(model)
     model.producer_name = "qcompile"
