@@ -50,14 +50,32 @@ def cli() -> None:
               show_default=True, help="read weights from the checkpoint one at a time as the "
               "bundle is written (auto: where the recipe and target allow) instead of loading "
               "the whole model")
-def compile(source, recipe, target, output, force, accuracy_level, stream) -> None:
+@click.option("--replay", type=click.Path(path_type=pathlib.Path),
+              help="a bundle compiled from the same source and recipe: replay its calibration "
+              "record (calibration.safetensors) instead of calibrating again, to lower it for "
+              "another target or a newer qcompile in minutes")
+def compile(source, recipe, target, output, force, accuracy_level, stream, replay) -> None:
     """Compile SOURCE (hub id, HF directory or .gguf; default: SmolLM2-135M) to a bundle."""
     from qcompile.compiler import compile_bundle
 
     recipe = recipe or DEFAULT_RECIPES[target]
     output = output or _default_output(source, recipe, target)
-    report = compile_bundle(source, recipe, target, output, force, accuracy_level, stream)
+    report = compile_bundle(source, recipe, target, output, force, accuracy_level, stream,
+                            _replayed_record(replay))
     _print_compile_summary(report, output)
+
+
+def _replayed_record(bundle: pathlib.Path | None):
+    if bundle is None:
+        return None
+    from qcompile.calibration.record import RECORD_FILE, load_record
+
+    record = load_record(bundle)
+    if record is None:
+        raise QcompileError(f"--replay {bundle}: no {RECORD_FILE} there",
+                            "give a bundle compiled with a calibrated recipe, or leave --replay "
+                            "out to calibrate")
+    return record
 
 
 def _print_compile_summary(report: dict, output: pathlib.Path) -> None:

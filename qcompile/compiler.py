@@ -167,10 +167,13 @@ def compile_bundle(
     force: bool = False,
     accuracy_level: int | None = None,
     stream: str = "auto",
+    calibrated=None,
 ) -> dict:
     """Compile ``source`` with ``recipe`` for ``target`` into the bundle ``out_dir``;
     ``accuracy_level`` None takes the recipe's (0 where it names none). ``stream``
-    (:mod:`qcompile.streaming`) says whether weights are streamed from the checkpoint."""
+    (:mod:`qcompile.streaming`) says whether weights are streamed from the checkpoint.
+    ``calibrated`` (another bundle's calibration record) is replayed instead of calibrating;
+    a record whose stages are not the recipe's calibrated passes is refused."""
     start = time.perf_counter()
     return_freed_memory()
     recipe, target = prepare_request(recipe_name, target_name)
@@ -179,7 +182,7 @@ def compile_bundle(
     weights = LazyWeights() if plan.streamed else None
     with weights.activated() if weights else contextlib.nullcontext():
         return _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weights,
-                        start)
+                        start, calibrated)
 
 
 def _load(source, plan: StreamPlan, weights: LazyWeights | None, timings: dict) -> LoadedModel:
@@ -204,13 +207,13 @@ def _layers(model) -> tuple[str, int] | None:
 
 
 def _captured_stages(loaded, recipe, target, attention, template: LayerTemplate,
-                     timings: dict) -> Stages:
+                     timings: dict, calibrated=None) -> Stages:
     """:func:`build_stages` on the whole decoder, or on its first two layers with the
     signature and per-module report entries grown to every layer (``template``)."""
     with template.cut():
         stages = build_stages(loaded, recipe, keep_snapshots=False, timings=timings,
                               group_query_attention=attention["kind"] == GQA,
-                              weight_layout=target.weight_layout)
+                              calibrated=calibrated, weight_layout=target.weight_layout)
     if template.used:
         stages.context.signature = template.signature(stages.context.signature)
         stages.context.layers = template.layer_entries(stages.context.layers)
@@ -218,7 +221,7 @@ def _captured_stages(loaded, recipe, target, attention, template: LayerTemplate,
 
 
 def _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weights,
-             start) -> dict:
+             start, calibrated=None) -> dict:
     timings: dict[str, float] = {}
     loaded = _load(source, plan, weights, timings)
     attention = attention_lowering(loaded.model, recipe, target)
@@ -228,7 +231,7 @@ def _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weigh
     if accuracy_level is None:
         accuracy_level = recipe.accuracy_level or 0
     template = plan_template(loaded.model, recipe, loaded.model_type, weights)
-    stages = _captured_stages(loaded, recipe, target, attention, template, timings)
+    stages = _captured_stages(loaded, recipe, target, attention, template, timings, calibrated)
     with atomic_directory(out_dir, force) as tmp:
         with step(f"lowering to ONNX for target {target.name}", timings, "lower_s"):
             try:
@@ -237,7 +240,9 @@ def _compile(source, recipe, target, out_dir, force, accuracy_level, plan, weigh
                                     template.copies() if template.used else None)
             except LayerTemplateError as exc:  # layers differ in a way the modules hid
                 template = LayerTemplate(f"the captured layers differ: {exc}")
-                stages = _captured_stages(loaded, recipe, target, attention, template, timings)
+                # replaying what the first capture calibrated: it is the same model
+                stages = _captured_stages(loaded, recipe, target, attention, template, timings,
+                                          stages.context.calibrated)
                 graph = export_onnx(stages.program, target, tmp, accuracy_level,
                                     stages.context.signature, weights, _layers(loaded.model))
         package = None

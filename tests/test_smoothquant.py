@@ -99,6 +99,37 @@ def test_smoothquant_then_gptq_calibrates_gptq_on_the_smoothed_model(tiny_model_
     assert summary["integer_codes"]["weights_checked"] >= 2 * 7
 
 
+def test_compile_replays_another_bundles_chained_record(tiny_model_dir, tmp_path):
+    """``compile --replay``: the same recipe lowered for another target from the first
+    bundle's record, without calibrating: the integer codes are the record's."""
+    from click.testing import CliRunner
+
+    from qcompile.cli import cli
+
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(f"passes:\n  - smoothquant: {{alpha: 0.5, {_CALIBRATION}}}\n"
+                      f"  - gptq: {{bits: 8, group_size: 32, {_CALIBRATION}}}\n  - pack_weights\n")
+    model = str(tiny_model_dir("llama"))
+    compile_bundle(model, str(recipe), "ort", tmp_path / "a")
+    result = CliRunner().invoke(cli, ["compile", model, "-r", str(recipe), "-t", "onnx-qdq",
+                                      "-o", str(tmp_path / "b"), "--replay", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["calibration"]["replayed"] and "seconds" not in report["calibration"]
+    first, second = load_record(tmp_path / "a"), load_record(tmp_path / "b")
+    q = "model.layers.1.mlp.down_proj"
+    assert torch.equal(first.qweights[q].codes, second.qweights[q].codes)
+    assert verify_bundle(tmp_path / "b")["passed"]
+    other = tmp_path / "other.yaml"  # a record of another recipe is refused, nothing written
+    other.write_text(f"passes:\n  - gptq: {{bits: 8, group_size: 32, {_CALIBRATION}}}\n"
+                     "  - pack_weights\n")
+    result = CliRunner().invoke(cli, ["compile", model, "-r", str(other), "-o",
+                                      str(tmp_path / "c"), "--replay", str(tmp_path / "a")])
+    assert result.exit_code != 0
+    assert "calibration record is from smoothquant+gptq" in str(result.exception)
+    assert not (tmp_path / "c").exists()
+
+
 def test_gptq_after_smoothing_quantizes_the_smoothed_weights(tiny_model_dir, tmp_path):
     """GPTQ must calibrate on the smoothed block: its q_proj weights dequantize to about the
     original weights times SmoothQuant's per-channel scale (original norm / smoothed norm),
