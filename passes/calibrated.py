@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch.fx.passes.infra.pass_base import PassResult
 
+from qcompile.algorithms.scale_folding import scaling_layout
 from qcompile.calibration.data import CalibrationOptions, calibration_samples
 from qcompile.calibration.engine import BlockAlgorithm, run_block_calibration
 from qcompile.calibration.record import CalibrationRecord
@@ -72,7 +73,10 @@ def quantize_calibrated(gm: torch.fx.GraphModule, context, method: str, options,
 def run_float_stage(gm: torch.fx.GraphModule, context, method: str, options,
                     algorithm: BlockAlgorithm) -> PassResult:
     """A float-only calibrated pass (SmoothQuant, OutlierTune): calibrate with ``algorithm``
-    (or replay its stage) and write its exact float updates into ``gm``."""
+    (or replay its stage) and write its exact float updates into ``gm``. Both fold scales
+    into an architecture's scaling layout: a model without one is refused before
+    calibrating."""
+    scaling_layout(context.config, method)
     record = calibrate_or_replay(context, method, options, algorithm)
     apply_float_updates(gm, record.float_updates)
     for path, note in record.notes.items():

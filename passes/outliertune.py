@@ -26,8 +26,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.fx.passes.infra.pass_base import PassResult
 
-from qcompile.algorithms.scale_folding import apply_scale, scaling_groups, scaling_layout
+from qcompile.algorithms.scale_folding import apply_scale, scaling_groups
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob
 from qcompile.calibration.observers import ChannelRange
 from qcompile.errors import QcompileError
@@ -41,6 +42,7 @@ __all__ = ["OutlierTune", "OutlierTuneBlocks", "OutlierTuneFields", "OutlierTune
 
 #: smallest per-channel scale (a constant channel stays put instead of dividing by zero)
 _FLOOR = 1e-5
+
 
 @dataclasses.dataclass(frozen=True)
 class OutlierTuneFields:
@@ -96,6 +98,5 @@ class OutlierTune(QPass):
     ladder_check = "exact"  # an equivalent transform: the float model is unchanged
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        scaling_layout(self.context.config, self.name)  # no layout: refused before calibrating
         return run_float_stage(graph_module, self.context, self.name, self.options,
                                OutlierTuneBlocks(self.context.config, self.options.bits))

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.fx.passes.infra.pass_base import PassResult
 
-from qcompile.algorithms.scale_folding import apply_scale, scaling_groups, scaling_layout
+from qcompile.algorithms.scale_folding import apply_scale, scaling_groups
 from qcompile.algorithms.smoothquant import (SEARCH_SCALINGS, ErrorModel, search_alpha,
                                               smoothing_scale)
 from qcompile.calibration.engine import BlockAlgorithm, BlockJob
@@ -113,6 +114,5 @@ class SmoothQuant(QPass):
     ladder_check = "exact"  # an equivalent transform: the float model is unchanged
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        scaling_layout(self.context.config, self.name)  # no layout: refused before calibrating
         return run_float_stage(graph_module, self.context, self.name, self.options,
                                SmoothQuantBlocks(self.options, self.context.config))

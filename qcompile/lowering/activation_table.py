@@ -99,11 +99,7 @@ class _Scalars:
 
     def _constant(self, array: np.ndarray, name: str) -> ir.Value:
         if name not in self.values:
-            tensor = ir.tensor(array, name=name)
-            v = ir.Value(name=name, const_value=tensor, shape=ir.Shape(list(array.shape)),
-                         type=ir.TensorType(tensor.dtype))
-            self.graph.register_initializer(v)
-            self.values[name] = v
+            self.values[name] = _constant(self.graph, name, array)
         return self.values[name]
 
 
@@ -158,10 +154,21 @@ def _to_float_kernel(graph: ir.Graph, node: ir.Node, inputs: dict, nodes: list[i
     if not per_tensor:
         nodes.append(ir.node("Mul", [nodes[-1].outputs[0], token_scale],
                              name=f"{name}/token_scale"))
-        if inputs.get("bias") is not None:
-            nodes.append(ir.node("Add", [nodes[-1].outputs[0], inputs["bias"]],
-                                 name=f"{name}/bias"))
+        _add_bias(nodes, inputs, name)
     replace_node(graph, node, nodes)
+
+
+def _add_bias(nodes: list[ir.Node], inputs: dict, name: str) -> None:
+    if inputs.get("bias") is not None:
+        nodes.append(ir.node("Add", [nodes[-1].outputs[0], inputs["bias"]], name=f"{name}/bias"))
+
+
+def _scale_per_tensor(nodes: list[ir.Node], inputs: dict, name: str) -> None:
+    """The float product times ``act_scale * w_s`` (one Mul of the two first, as the torch
+    reference), then the bias."""
+    both = ir.node("Mul", [inputs["act_scale"], inputs["weight_scales"]], name=f"{name}/scales")
+    nodes += [both, ir.node("Mul", [nodes[-1].outputs[0], both.outputs[0]], name=f"{name}/scale")]
+    _add_bias(nodes, inputs, name)
 
 
 def _expand(graph: ir.Graph, node: ir.Node, scalars: _Scalars,
@@ -193,12 +200,9 @@ def _expand(graph: ir.Graph, node: ir.Node, scalars: _Scalars,
         nodes.append(ir.node("Mul", [nodes[-1].outputs[0], inputs["weight_scales"]],
                              name=f"{name}/weight_scale"))
         nodes.append(ir.node("Mul", [nodes[-1].outputs[0], scale], name=f"{name}/token_scale"))
+        _add_bias(nodes, inputs, name)
     else:
-        both = ir.node("Mul", [act_scale, inputs["weight_scales"]], name=f"{name}/scales")
-        nodes += [both, ir.node("Mul", [nodes[-1].outputs[0], both.outputs[0]],
-                                name=f"{name}/scale")]
-    if inputs.get("bias") is not None:
-        nodes.append(ir.node("Add", [nodes[-1].outputs[0], inputs["bias"]], name=f"{name}/bias"))
+        _scale_per_tensor(nodes, inputs, name)
     replace_node(graph, node, nodes)
 
 
@@ -234,10 +238,7 @@ def _expand_per_channel(graph: ir.Graph, node: ir.Node, inputs: dict, weight_zer
                          name=f"{name}/centre"))
     nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.FLOAT},
                          name=f"{name}/Cast"))
-    both = ir.node("Mul", [inputs["act_scale"], inputs["weight_scales"]], name=f"{name}/scales")
-    nodes += [both, ir.node("Mul", [nodes[-1].outputs[0], both.outputs[0]], name=f"{name}/scale")]
-    if inputs.get("bias") is not None:
-        nodes.append(ir.node("Add", [nodes[-1].outputs[0], inputs["bias"]], name=f"{name}/bias"))
+    _scale_per_tensor(nodes, inputs, name)
     replace_node(graph, node, nodes)
 
 
