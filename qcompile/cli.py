@@ -125,7 +125,8 @@ def verify(bundle, source, ladder) -> None:
     console.print(f"decode: {decode['new_tokens']} greedy tokens after a "
                   f"{decode['prompt_tokens']}-token prompt, ORT vs torch reference: tokens "
                   f"{'equal' if decode['tokens_equal'] else 'differ from step ' + str(decode['first_different_step'])}"
-                  f", step logits rel L2 {decode['rel_l2']:.3g} ({decode['tolerance']}) {verdict}")
+                  f", step logits rel L2 {decode['rel_l2']:.3g} ({decode['tolerance']}"
+                  f"{_decode_noise(decode.get('float_noise'))}) {verdict}")
     _print_blocks(summary.get("blocks"))
     codes = summary["integer_codes"]
     if codes:
@@ -141,6 +142,15 @@ def verify(bundle, source, ladder) -> None:
                           f"{layer.get('layer', 'not localised')}")
         sys.exit(1)
     console.print("[bold green]verify passed")
+
+
+def _decode_noise(noise: dict | None) -> str:
+    """The decode stage's float-noise bound, where the fixed one failed."""
+    if not noise:
+        return ""
+    return (f"; or vs float64 rel_l2 <= {noise['factor']:g}x torch fp32's "
+            f"{noise['torch_fp32_vs_fp64_rel_l2']:.3g} = {noise['bound']:.3g}, got "
+            f"{noise['runtime_vs_fp64_rel_l2']:.3g}")
 
 
 def _print_blocks(blocks: list | None) -> None:

@@ -23,8 +23,8 @@ import torch
 from qcompile.runtimes.parity import compare
 from qcompile.runtimes.torch_runner import TorchRunner, empty_past
 
-__all__ = ["FLOAT_NOISE_FACTOR", "ROUNDED_NOISE_FACTOR", "float64_copy", "float64_logits",
-           "float_noise_verdict"]
+__all__ = ["FLOAT_NOISE_FACTOR", "ROUNDED_NOISE_FACTOR", "decode_float_noise", "float64_copy",
+           "float64_logits", "float_noise_verdict"]
 
 #: how many times torch float32's own rounding error another float32 runtime may show
 FLOAT_NOISE_FACTOR = 4.0
@@ -74,3 +74,27 @@ def float_noise_verdict(actual: np.ndarray, reference32: np.ndarray, reference64
             f"runtime_vs_fp64_{metric}": float(f"{distance:.6g}"),
             "bound": float(f"{bound:.6g}"), "factor": factor, "metric": metric,
             "passed": distance <= bound}
+
+
+def decode_float_noise(reference: torch.nn.Module, prompt: np.ndarray, tokens: list[int],
+                       runtime_steps: np.ndarray, reference_steps: np.ndarray,
+                       tolerance) -> dict | None:
+    """The float-noise verdict of the decode stage of a graph that rounds activations: the
+    truth is ``reference`` in float64 scoring the prompt and its greedy ``tokens`` in one causal
+    forward (each position's logits are what the cached step computes, in exact arithmetic);
+    the runtime's teacher-forced step logits may be ``ROUNDED_NOISE_FACTOR`` times as far from
+    it as torch float32's own cached steps are. At 6-bit activations a code flip moves the
+    logits four times as far as at 8 bits, so a fixed rel. L2 bound that holds at 8 bits fails
+    on rounding alone; a wrong scale or code is far outside the margin. None where
+    ``reference`` is not a captured graph (it cannot be evaluated in float64)."""
+    if not isinstance(reference, torch.fx.GraphModule) or tolerance.rel_l2 is None:
+        return None
+    sequence = np.concatenate([np.asarray(prompt, np.int64), np.asarray(tokens[:-1], np.int64)])
+    truth = float64_logits(reference, sequence[None], np.ones((1, len(sequence)), np.int64))
+    truth = truth[0, len(prompt) - 1:]
+    verdict = float_noise_verdict(runtime_steps, reference_steps, truth, tolerance.rel_l2,
+                                  ROUNDED_NOISE_FACTOR, "rel_l2")
+    top1 = compare(runtime_steps, reference_steps).top1
+    verdict["passed"] = bool(verdict["passed"] and (tolerance.top1_min is None
+                                                     or top1 >= tolerance.top1_min))
+    return verdict

@@ -90,3 +90,29 @@ def test_rel_l2_verdict_follows_the_float32_floor_of_a_graph_that_rounds_activat
     broken = truth + 0.5 * rng.standard_normal(truth.shape)
     assert not float_noise_verdict(broken, torch32, truth, 0.05, ROUNDED_NOISE_FACTOR,
                                    "rel_l2")["passed"]
+
+
+def test_decode_floor_scores_the_cached_steps_in_one_float64_forward(tiny_model_dir):
+    """The decode stage's float64 truth is one causal forward over the prompt and the greedy
+    tokens: aligned with the cached steps, torch fp32's own steps sit within float rounding of
+    it (misaligned by one position they would be rel. L2 ~1 away); a runtime as far passes a
+    bound far below that floor, one with a logit error of a few per cent fails."""
+    from qcompile.runtimes.decoder_parity import torch_greedy
+    from qcompile.runtimes.float_noise import decode_float_noise
+    from qcompile.runtimes.parity import Tolerance
+
+    loaded = load_model(str(tiny_model_dir("llama")))
+    stages = build_stages(loaded, load_recipe("w4a16-rtn-g32+kv8"), keep_snapshots=False,
+                          timings={}, recapture=False)
+    prompt = np.arange(3, 11)
+    tokens, steps = torch_greedy(TorchRunner(stages.final), prompt, 8)
+    tight = Tolerance("tight", rel_l2=1e-12, top1_min=0.9)
+    same = decode_float_noise(stages.final, prompt, tokens, steps, steps, tight)
+    assert 0 < same["torch_fp32_vs_fp64_rel_l2"] < 1e-2, same
+    assert same["passed"] and same["bound"] == pytest.approx(2 * same["torch_fp32_vs_fp64_rel_l2"],
+                                                             rel=1e-3)
+    rng = np.random.default_rng(0)
+    off = steps + 0.05 * np.abs(steps).std() * rng.standard_normal(steps.shape)
+    assert not decode_float_noise(stages.final, prompt, tokens, off, steps, tight)["passed"]
+    assert decode_float_noise(torch.nn.Identity(), prompt, tokens, steps, steps,
+                              tight) is None  # not a captured graph: no float64 evaluation
