@@ -37,7 +37,7 @@ echo "== newest versions (differences from samples/constraints.txt):"
 "$venv/bin/python" -m pip freeze --exclude-editable 2>/dev/null | sed 's/+cpu//' | sort > "$venv/versions.txt"
 grep -v -e "^#" -e "^setuptools" samples/constraints.txt | sort | comm -13 - "$venv/versions.txt"
 echo "== smoke tests: every architecture compiled for both targets and verified"
-"$venv/bin/python" -m pytest -q -p no:cacheprovider -x \
+"$venv/bin/python" -m pytest -q -p no:cacheprovider -x -n "${QCOMPILE_TEST_WORKERS:-2}" \
   tests/test_architectures.py tests/test_gqa_lowering.py tests/test_models.py -k "not genai"
 status=$?
 [ "$status" -eq 5 ] && { echo "no tests were collected"; exit 1; }

@@ -85,6 +85,16 @@ ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gpt2", "opt", "qwen3", "p
                  "smollm3", "stablelm", "internlm3")
 
 
+def extended(*values):
+    """A parameter set that repeats a default test's path (another architecture, recipe or
+    fallback): marked ``extended``, so the default suite stays short and ``--all`` runs it."""
+    return pytest.param(*values, marks=pytest.mark.extended)
+
+
+#: the architectures whose ``onnx-qdq`` bundles the default suite compiles (the rest: extended)
+QDQ_DEFAULT = ("llama", "gpt2", "phi3", "gemma3_text")
+
+
 def save_tiny_model(arch: str, directory: pathlib.Path) -> pathlib.Path:
     from transformers import AutoModelForCausalLM
 

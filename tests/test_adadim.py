@@ -25,6 +25,9 @@ from qcompile.recipes import recipe_from_dict
 from qcompile.weight_format import pack_per_ic, unpack_per_ic
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight, quantize_weight_per_ic
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_adadim")
+
 OUTLIER = 30.0
 
 

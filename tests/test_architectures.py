@@ -19,7 +19,7 @@ from qcompile.compiler import compile_bundle
 from qcompile.errors import QcompileError
 from qcompile.runtimes.ladder import verify_bundle
 
-from conftest import ARCHITECTURES, SLIDING_WINDOW, _configs
+from conftest import ARCHITECTURES, QDQ_DEFAULT, SLIDING_WINDOW, _configs, extended
 
 #: the architectures whose tiny configs alternate sliding-window and global layers
 SLIDING = ("gemma2", "gemma3_text", "olmo3")
@@ -47,8 +47,10 @@ def _genai_and_own_tokens(bundle, prompt=PROMPT, new_tokens=12):
     return genai_tokens, own
 
 
-@pytest.mark.parametrize("target", ["ort", "onnx-qdq"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch, target", [
+    *((arch, "ort") for arch in ARCHITECTURES),
+    *((arch, "onnx-qdq") if arch in QDQ_DEFAULT else extended(arch, "onnx-qdq")
+      for arch in ARCHITECTURES)])
 def test_compile_and_verify(arch, target, tiny_model_dir, tmp_path):
     """...and, for the ``ort`` bundle, genai's greedy tokens equal the own loop's (no compile
     of its own: the check costs a fraction of a second)."""
@@ -74,8 +76,8 @@ def test_compile_and_verify(arch, target, tiny_model_dir, tmp_path):
 
 # every weight format on a few architectures (the recipe changes the MatMul kind, not the
 # decoder I/O, which test_compile_and_verify already runs through genai for every one)
-_GENAI_CASES = [("llama", "w4a16-rtn-g32"), ("qwen2", "fp32"), ("mistral", "w8a16-rtn"),
-                ("phi3", "w4a16-rtn-g32"), ("gpt2", "w8a16-rtn"), ("opt", "fp32")]
+_GENAI_CASES = [("llama", "w4a16-rtn-g32"), ("qwen2", "fp32"), extended("mistral", "w8a16-rtn"),
+                ("phi3", "w4a16-rtn-g32"), ("gpt2", "w8a16-rtn"), extended("opt", "fp32")]
 
 
 @pytest.mark.parametrize("arch,recipe", _GENAI_CASES)
@@ -180,6 +182,7 @@ def test_awq_refuses_a_model_type_without_a_layout():
         scaling_layout(SimpleNamespace(model_type="exotic"))
 
 
+@pytest.mark.extended
 def test_gptq_gemma3_bundle_passes_verify(tiny_model_dir, tmp_path):
     """GPTQ through Gemma 3's sliding and global blocks, each with its own mask and rotary
     base. (AWQ's folding into Gemma's ``1 + w`` norms is checked above without a compile: the

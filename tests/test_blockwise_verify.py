@@ -22,7 +22,10 @@ from qcompile.compiler import compile_bundle
 from qcompile.runtimes import verify as verify_module
 from qcompile.runtimes.verify import choose_ladder, verify
 
-from conftest import _configs
+from conftest import _configs, extended
+
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_blockwise_verify")
 
 _RTN_G32 = "passes:\n  - quantize_weights_rtn: {bits: 4, group_size: 32}\n  - pack_weights\n"
 _GPTQ_G32 = ("passes:\n  - gptq: {bits: 4, group_size: 32, calibration: "
@@ -62,7 +65,7 @@ def _copy(bundle: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.mark.parametrize("arch, recipe", [("llama", None), ("qwen2", _GPTQ_G32),
-                                          ("llama", _KV8)])
+                                          extended("llama", _KV8)])
 def test_blockwise_verify_passes_on_a_good_bundle(arch, recipe, tmp_path, rtn_bundle):
     bundle = _copy(rtn_bundle, tmp_path) if recipe is None else _bundle(tmp_path, arch, recipe)
     summary = verify(bundle, ladder="blockwise")

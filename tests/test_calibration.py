@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from conftest import _configs
+from conftest import _configs, extended
 from qcompile.passes.gptq import GPTQBlocks, GPTQOptions
 from qcompile.runtimes.ladder import verify_bundle
 
@@ -179,6 +179,7 @@ def test_spilled_activations_give_the_same_gptq_codes():
         assert torch.equal(q.codes, runs[1].qweights[path].codes), path
 
 
+@pytest.mark.extended
 def test_calibration_peak_memory_does_not_grow_with_layers():
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "samples"))
     from calibration_memory import measure
@@ -190,7 +191,8 @@ def test_calibration_peak_memory_does_not_grow_with_layers():
     assert sixteen["growth"] - four["growth"] < 3 * four["activation_set_bytes"], (four, sixteen)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "flexround", "adadim_rtn"])
+@pytest.mark.parametrize("method", ["gptq", extended("awq"), extended("flexround"),
+                                    extended("adadim_rtn")])
 def test_calibrated_bundle_verifies_and_is_byte_identical_when_rebuilt(method, tiny_model_dir,
                                                                          tmp_path):
     recipe = tmp_path / f"{method}.yaml"

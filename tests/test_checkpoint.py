@@ -14,6 +14,9 @@ from qcompile.checkpoint import INDEX_FILE, check_checkpoint, checkpoint_tensors
 from qcompile.errors import QcompileError
 from qcompile.models import load_model
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
 
 @pytest.fixture(scope="module")
 def sharded(tiny_model_dir, tmp_path_factory):

@@ -54,6 +54,7 @@ def test_default_on_a_gqa_decoder_quantizes_the_cache_inside_attention(tiny_mode
     # verify of GPTQ and of +kv8-gqa bundles is tested elsewhere; this one checks the wiring
 
 
+@pytest.mark.extended
 def test_default_on_a_decoder_without_gqa_keeps_a_float_cache(tiny_model_dir, tmp_path):
     out = tmp_path / "bundle"
     report = compile_bundle(str(tiny_model_dir("phi3")),

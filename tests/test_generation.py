@@ -25,6 +25,9 @@ from qcompile.runtimes.generation import (
     bundle_cache_bytes_per_token,
 )
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_generation")
+
 PROMPT = [1, 40, 71, 78, 78, 81, 12, 89]
 # 2 layers x (key + value) x 2 kv heads x head size 16 x 4 bytes (fp32)
 TINY_CACHE_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4

@@ -28,6 +28,9 @@ from qcompile.recipes import load_recipe
 
 from conftest import _configs
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_gqa_lowering")
+
 HEADS, KV_HEADS, HEAD = 4, 2, 16
 
 

@@ -16,6 +16,9 @@ from qcompile.runtimes.genai_session import genai_can_run
 from qcompile.runtimes.generation import OrtGenerator
 from qcompile.runtimes.ladder import verify_bundle
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_kv_cache")
+
 
 def test_int4_pack_roundtrip_low_nibble_first():
     codes = torch.randint(0, 16, (2, 3, 5, 8)).float()

@@ -26,6 +26,9 @@ from qcompile.recipes import load_recipe
 
 from conftest import _configs
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_kv_cache_gqa")
+
 HEADS, KV_HEADS, HEAD = 4, 2, 16
 _NAMES = ["query", "key", "value", "past_key", "past_value", "seqlens_k",
           "total_sequence_length", "cos_cache", "sin_cache", "", "", "", "k_scale", "v_scale"]
@@ -199,6 +202,7 @@ def test_genai_runs_the_bundle_and_generates_the_own_loops_tokens(gqa_cache_bund
     assert genai == own[:len(genai)] and len(genai) >= 8
 
 
+@pytest.mark.extended
 def test_explicit_quantized_cache_is_still_refused_by_genai(tiny_llama_dir, tmp_path):
     from qcompile.runtimes.genai_session import genai_can_run
 

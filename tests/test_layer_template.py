@@ -15,7 +15,7 @@ import pytest
 from qcompile.compiler import compile_bundle
 from qcompile import compiler, layer_template
 
-from conftest import _configs
+from conftest import _configs, extended
 from test_streaming import _checkpoint
 
 LAYERS = 6
@@ -64,7 +64,8 @@ def _compile_both(tmp_path, config, recipe="w4a16-rtn"):
     return streamed, whole
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # tied, untied + biases, Conv1D
+@pytest.mark.parametrize("arch", ["llama", extended("qwen2"), extended("gpt2")])  # tied,
+# untied + biases, Conv1D
 def test_instantiated_layers_compute_what_the_whole_capture_computes(arch, tmp_path,
                                                                      monkeypatch):
     from qcompile.passes import quantize_weights_rtn
@@ -113,6 +114,7 @@ def test_instantiated_layers_compute_what_the_whole_capture_computes(arch, tmp_p
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.extended
 def test_a_recipe_that_names_one_layer_keeps_the_whole_capture(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("passes:\n  - quantize_weights_rtn: {bits: 4, group_size: 32, "
@@ -124,6 +126,7 @@ def test_a_recipe_that_names_one_layer_keeps_the_whole_capture(tmp_path):
     assert streamed["layers"]["model.layers.3.mlp.up_proj"]["format"] != "float32"
 
 
+@pytest.mark.extended
 def test_layers_of_two_kinds_keep_the_whole_capture(tmp_path):
     kinds = ["sliding_attention", "full_attention"] * (LAYERS // 2)
     streamed, _ = _streamed(tmp_path, _deep("qwen2", layer_types=kinds, sliding_window=4,
@@ -131,6 +134,7 @@ def test_layers_of_two_kinds_keep_the_whole_capture(tmp_path):
     assert "2 kinds" in streamed["graph"]["capture"]["reason"]
 
 
+@pytest.mark.extended
 def test_layers_the_modules_call_alike_but_export_differently_are_caught(tmp_path, monkeypatch):
     """Hide the sliding / global difference from the module checks: the ONNX comparison of
     layer 1 with layer 2 still finds it, and the compile falls back to the whole capture."""
@@ -150,6 +154,7 @@ def test_two_layer_decoders_are_captured_whole(tiny_model_dir, tmp_path):
     assert report["graph"]["capture"] == {"kind": "whole", "reason": "the decoder has 2 layers"}
 
 
+@pytest.mark.extended
 def test_a_lowered_node_that_belongs_to_no_layer_keeps_the_whole_capture(tmp_path, monkeypatch):
     """A rewrite that made a layer's nodes without module scopes (here: the SiLU's Sigmoid and
     Mul stripped after packing): the copies could not include them, so the compile falls back

@@ -12,6 +12,9 @@ import pytest
 from qcompile.compiler import compile_bundle
 from qcompile.runtimes.ort_runner import session_options
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_lowering")
+
 
 def _ops(path):
     return collections.Counter(n.op_type for n in onnx.load(str(path),

@@ -27,6 +27,9 @@ from qcompile.runtimes.ort_runner import OrtRunner
 from qcompile.targets.ort_mobile.ort_file import read_tensors
 from qcompile.targets.ort_mobile.package import OPERATORS_CONFIG, write_ort_format
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_ort_mobile")
+
 RECIPE = "w4a16-rtn+kv8-gqa"
 PROMPT = np.array([[1, 40, 71, 78, 78, 81, 12, 89]], dtype=np.int64)
 

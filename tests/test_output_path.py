@@ -24,6 +24,9 @@ from qcompile.errors import QcompileError
 from qcompile.models import default_model_path
 from qcompile.recipes import load_recipe
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_output_path")
+
 TARGET = ("-t", "onnx-qdq")  # no GroupQueryAttention capture needed: fastest tiny compile
 W4 = ("-r", "w4a16-rtn", *TARGET)
 

@@ -13,6 +13,9 @@ from qcompile.models import load_model
 from qcompile.pass_infra import PassContext, run_passes
 from qcompile.recipes import recipe_from_dict
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_passes")
+
 _LINEAR = torch.ops.aten.linear.default
 _QLINEAR = torch.ops.qcompile.linear_wNa16.default
 _QEMBED = torch.ops.qcompile.embedding_wN.default

@@ -16,6 +16,9 @@ from qcompile.runtimes import peer_ort_activation
 from qcompile.runtimes.ort_runner import OrtRunner
 from qcompile.runtimes.peer_ort_activation import quantize_activations_with_ort
 
+#: one worker builds this module's shared bundles (pytest-xdist would build them in each)
+pytestmark = pytest.mark.xdist_group("test_peer_ort_activation")
+
 LINEARS = 2 * 7  # the tiny Llama: 2 layers x q, k, v, o, gate, up, down
 
 
