@@ -38,12 +38,12 @@ from __future__ import annotations
 import torch
 
 from qcompile.formats import QuantFormat, get_format
-from qcompile.formats.activation import quantize_codes, token_params
+from qcompile.formats.activation import channel_codes, quantize_codes, token_params
 from qcompile.formats.integer import container_bits, dequantize_codes
 from qcompile.weight_format import (per_ic_container_bits, unpack_codes, unpack_per_ic,
                                     unpack_zero_points)
 
-__all__ = ["dequantize", "linear_wNa16", "linear_wNa16_per_ic", "embedding_wN", "linear_w8a8",
+__all__ = ["channel_shift", "dequantize", "linear_wNa16", "linear_wNa16_per_ic", "embedding_wN", "linear_w8a8",
            "dequantize_packed", "dequantize_packed_per_ic"]
 
 
@@ -181,12 +181,15 @@ def linear_w8a8(
     symmetric: bool,
     act_bits: int = 8,
 ) -> torch.Tensor:
+    weight_zero = 128.0 if weight_zero_points is None else weight_zero_points.double()
+    if act_scale is not None and act_zero.dim() == 1:
+        return _linear_w8a8_channel(x, qweight.double() - weight_zero, weight_scales, bias,
+                                    act_scale, act_zero.float(), act_bits)
     if act_scale is None:
         scale, zero = token_params(x, symmetric, act_bits)
     else:
         scale, zero = act_scale, act_zero.float()
     codes = quantize_codes(x, scale, zero, act_bits)
-    weight_zero = 128.0 if weight_zero_points is None else weight_zero_points.double()
     # exact: |sum| < 2**53; rounded to float32 once, as ONNX Runtime's int32 -> float Cast
     product = ((codes.double() - zero.double()) @ (qweight.double() - weight_zero)).float()
     if act_scale is None:  # per output channel first: MatMulIntegerToFloat's product, then
@@ -194,6 +197,26 @@ def linear_w8a8(
     else:
         out = product * (act_scale * weight_scales)
     return out if bias is None else out + bias
+
+
+def _linear_w8a8_channel(x, centred_weight, weight_scales, bias, act_scale, act_zero,
+                         act_bits):
+    """``static-channel``: the codes' product with the centred weight codes, scaled, plus the
+    bias less the zero points' product (:func:`channel_shift`), in the float32 operations of
+    ``MatMulIntegerToFloat`` with that bias."""
+    codes = channel_codes(x, act_scale, act_zero, act_bits)
+    product = (codes.double() @ centred_weight).float()  # exact, rounded once
+    scales = act_scale * weight_scales
+    return product * scales + channel_shift(act_zero, centred_weight, scales, bias)
+
+
+def channel_shift(act_zero: torch.Tensor, centred_weight: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``bias - scales * (z @ W)``: the zero points' part of the integer product (exact, then
+    rounded to float32 once), one float32 constant per output; ``-scales * (z @ W)`` without a
+    bias. The lowering computes its initializer with this function, so both are the same bits."""
+    removed = scales * (act_zero.double() @ centred_weight.double()).float()
+    return -removed if bias is None else bias - removed
 
 
 @linear_w8a8.register_fake

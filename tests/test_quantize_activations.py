@@ -91,7 +91,7 @@ def test_onnx_translation_matches_the_torch_reference_bit_for_bit(scaling, symme
     np.testing.assert_array_equal(runtime, want)
 
 
-@pytest.mark.parametrize("scaling", ["static-tensor", "dynamic-token"])
+@pytest.mark.parametrize("scaling", ["static-tensor", "dynamic-token", "static-channel"])
 @pytest.mark.parametrize("symmetric_weights", [True, False], ids=["w-sym", "w-asym"])
 def test_ort_integer_to_float_kernel_matches_the_torch_reference_bit_for_bit(
         scaling, symmetric_weights, tmp_path):
@@ -255,3 +255,19 @@ def test_verify_catches_a_bundle_rewritten_to_u8_x_s8_where_that_kernel_saturate
     s8 = rewritten(to_s8=True)
     assert s8 and not any(s["passed"] for s in s8.values()), s8
     assert all(s["rel_l2"] > 50 * control[name]["rel_l2"] for name, s in s8.items()), s8
+
+
+def test_channel_codes_are_the_per_channel_zero_point_codes_but_for_rounding_ties():
+    """``static-channel`` adds the zero points as a float offset before one per-tensor
+    quantization: the same codes as ``round(x / s) + z_j`` except where float rounding of the
+    sum moves a value across a half-step (a tiny fraction), never by more than one code."""
+    from qcompile.formats.activation import channel_codes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * 3
+    scale, zero = channel_params(x.amin(0), x.amax(0))
+    offset = channel_codes(x, scale, zero)
+    per_channel = quantize_codes(x, scale, zero)
+    assert (offset - per_channel).abs().max() <= 1
+    assert (offset != per_channel).float().mean() < 1e-3
+    assert offset.min() >= 0 and offset.max() <= 255

@@ -13,10 +13,13 @@ every 255 / 127 / 128 below becomes 63 / 31 / 32.)
   (:func:`token_params`); the graph carries the same float32 operations, in the same order.
 * ``static-channel``: one scale for the tensor and one zero point per input channel,
   calibrated (:func:`channel_params`): each channel's range is centred on its own zero point
-  (OutlierTune's symmetrization, as a zero point instead of a shift folded into biases; the
-  integer product subtracts ``z · W`` once per output, which is exact). After OutlierTune's
-  fold (:mod:`qcompile.passes.outliertune`) every channel spans the same width, so the one
-  scale is a per-channel scale on the original activations.
+  (OutlierTune's symmetrization). The codes are ``clamp(round((x + s * z) / s), 0, 255)``
+  (:func:`channel_codes`: the zero point added as a float offset, then one per-tensor
+  quantization, because ONNX Runtime's per-axis ``QuantizeLinear`` costs three times the
+  matrix product it feeds), and ``x ≈ (q - z) * s`` as everywhere; the integer product's
+  ``z · W`` term is a constant per output, folded into the bias. After OutlierTune's fold
+  (:mod:`qcompile.passes.outliertune`) every channel spans the same width, so the one scale
+  is a per-channel scale on the original activations.
 
 Symmetric scaling centres the codes (``z = 128``, ``s = max|x| / 127``); asymmetric scaling
 spans ``[min(x, 0), max(x, 0)]`` over 255 steps. Codes are unsigned in every form because
@@ -35,7 +38,8 @@ import torch
 from qcompile.errors import QcompileError
 
 __all__ = ["ACTIVATION_BITS", "SCALINGS", "ActivationQuantSpec", "CODE_MAX", "MIN_SCALE",
-           "channel_params", "code_max", "code_mid", "quantize_codes", "static_params",
+           "channel_codes", "channel_params", "code_max", "code_mid", "quantize_codes",
+           "static_params",
            "token_params"]
 
 SCALINGS = ("static-tensor", "dynamic-token", "static-channel")
@@ -89,6 +93,14 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    bits: int = 8) -> torch.Tensor:
     """Float tensor of codes ``clamp(round(x / scale) + zero, 0, 2^bits - 1)`` (float32)."""
     return torch.clamp(torch.round(x / scale) + zero, 0, code_max(bits))
+
+
+def channel_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  bits: int = 8) -> torch.Tensor:
+    """``static-channel`` codes (float32): ``clamp(round((x + scale * zero) / scale), 0,
+    2^bits - 1)`` for one scalar ``scale`` and a zero point per channel ``zero [K]``, the
+    float32 operations of ``Add`` then ``QuantizeLinear`` with zero point 0."""
+    return torch.clamp(torch.round((x + scale * zero) / scale), 0, code_max(bits))
 
 
 def static_params(low: torch.Tensor, high: torch.Tensor, symmetric: bool,
