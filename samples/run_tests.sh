@@ -8,7 +8,8 @@
 #   bash samples/run_tests.sh tests/test_cli.py -k force   # any pytest arguments after
 #
 # Tests run in QCOMPILE_TEST_WORKERS processes (default: 2, pytest-xdist): a compile is mostly
-# single-threaded Python (torch.export, the ONNX export), so two cores run two at a time.
+# single-threaded Python (torch.export, the ONNX export), so two cores run two at a time. The
+# end-to-end tests go first (tests/conftest.py), kept in collection order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash samples/install.sh || exit 1
@@ -18,7 +19,7 @@ if [ "${1:-}" = "--all" ]; then
   shift
 fi
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=40 \
-  -n "${QCOMPILE_TEST_WORKERS:-2}" --dist loadgroup "${select[@]}" "$@"
+  -n "${QCOMPILE_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "${select[@]}" "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
   echo "no tests were collected"

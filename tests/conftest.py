@@ -91,8 +91,12 @@ def extended(*values):
     return pytest.param(*values, marks=pytest.mark.extended)
 
 
-#: the architectures whose ``onnx-qdq`` bundles the default suite compiles (the rest: extended)
-QDQ_DEFAULT = ("llama", "gpt2", "phi3", "gemma3_text")
+#: the architectures the default suite compiles and verifies for ``ort`` (the rest: extended,
+#: and samples/check_latest.sh runs every one): tied and untied heads with biases, Conv1D,
+#: fused projections, sliding windows with q/k norms and ``1 + w`` norms, squared ReLU
+ORT_DEFAULT = ("llama", "qwen2", "gpt2", "phi3", "gemma3_text", "nemotron")
+#: the same for ``onnx-qdq``
+QDQ_DEFAULT = ("llama", "gpt2")
 
 
 def save_tiny_model(arch: str, directory: pathlib.Path) -> pathlib.Path:
@@ -115,3 +119,10 @@ def tiny_model_dir(tmp_path_factory):
         return made[arch]
 
     return make
+
+
+def pytest_collection_modifyitems(items):
+    """The end-to-end tests on the real default model (``slow``, ~15 minutes) go first, so
+    under pytest-xdist one worker starts them at once while the other takes the rest, instead
+    of one of them running them alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

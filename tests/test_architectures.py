@@ -19,7 +19,8 @@ from qcompile.compiler import compile_bundle
 from qcompile.errors import QcompileError
 from qcompile.runtimes.ladder import verify_bundle
 
-from conftest import ARCHITECTURES, QDQ_DEFAULT, SLIDING_WINDOW, _configs, extended
+from conftest import (ARCHITECTURES, ORT_DEFAULT, QDQ_DEFAULT, SLIDING_WINDOW, _configs,
+                      extended)
 
 #: the architectures whose tiny configs alternate sliding-window and global layers
 SLIDING = ("gemma2", "gemma3_text", "olmo3")
@@ -48,7 +49,7 @@ def _genai_and_own_tokens(bundle, prompt=PROMPT, new_tokens=12):
 
 
 @pytest.mark.parametrize("arch, target", [
-    *((arch, "ort") for arch in ARCHITECTURES),
+    *((arch, "ort") if arch in ORT_DEFAULT else extended(arch, "ort") for arch in ARCHITECTURES),
     *((arch, "onnx-qdq") if arch in QDQ_DEFAULT else extended(arch, "onnx-qdq")
       for arch in ARCHITECTURES)])
 def test_compile_and_verify(arch, target, tiny_model_dir, tmp_path):

@@ -21,7 +21,7 @@ from qcompile.compiler import compile_bundle
 from qcompile.errors import QcompileError
 from qcompile.weight_quantizer import WeightQuantSpec, quantize_weight
 
-from conftest import _configs
+from conftest import _configs, extended
 
 _SAMPLES = pathlib.Path(__file__).resolve().parents[1] / "samples"
 
@@ -52,10 +52,10 @@ _GPTQ = ("passes:\n  - gptq: {bits: 4, group_size: 32, calibration: "
 
 
 @pytest.mark.parametrize("arch, recipe", [
-    ("llama", "w4a16-rtn"), ("qwen2", "w4a16-rtn"),  # tied and untied head
-    ("llama", _TIED_ALIKE),
-    ("llama", _GPTQ), ("gpt2", _GPTQ),  # calibrated block by block; GPT-2's Conv1D
-    ("llama", "w4a16-rtn+kv8"), ("qwen2", "w4a16-rtn+kv8-gqa"),  # KV ranges in one walk
+    ("llama", "w4a16-rtn"), extended("qwen2", "w4a16-rtn"),  # tied and untied head
+    extended("llama", _TIED_ALIKE),
+    extended("llama", _GPTQ), ("gpt2", _GPTQ),  # calibrated block by block; GPT-2's Conv1D
+    extended("llama", "w4a16-rtn+kv8"), ("qwen2", "w4a16-rtn+kv8-gqa"),  # KV ranges in one walk
 ])
 def test_streamed_bundle_equals_the_whole_model_bundle(arch, recipe, tmp_path):
     source = _checkpoint(tmp_path / "model", _configs()[arch], shard_bytes=60_000)

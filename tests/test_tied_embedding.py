@@ -12,6 +12,8 @@ import pytest
 from qcompile.compiler import compile_bundle
 from qcompile.runtimes.ladder import verify_bundle
 
+from conftest import extended
+
 
 def _recipe(tmp_path, embedding: dict, lm_head: dict) -> str:
     path = tmp_path / "tied.json"
@@ -75,7 +77,7 @@ def test_untied_model_keeps_two_tensors(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("spec", [{"bits": 8, "group_size": 32, "symmetric": True},
-                                  {"bits": 8, "group_size": 32, "symmetric": False}])
+                                  extended({"bits": 8, "group_size": 32, "symmetric": False})])
 def test_onnx_qdq_bundle_with_a_shared_8bit_table_passes_verify(tiny_model_dir, tmp_path, spec):
     bundle = tmp_path / "bundle"
     compile_bundle(str(tiny_model_dir("llama")), _recipe(tmp_path, spec, spec), "onnx-qdq",
