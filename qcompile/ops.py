@@ -43,8 +43,8 @@ from qcompile.formats.integer import container_bits, dequantize_codes
 from qcompile.weight_format import (per_ic_container_bits, unpack_codes, unpack_per_ic,
                                     unpack_zero_points)
 
-__all__ = ["channel_shift", "dequantize", "linear_wNa16", "linear_wNa16_per_ic", "embedding_wN", "linear_w8a8",
-           "dequantize_packed", "dequantize_packed_per_ic"]
+__all__ = ["channel_shift", "dequantize", "linear_wNa16", "linear_wNa16_per_ic", "embedding_wN",
+           "linear_w8a8", "dequantize_packed", "dequantize_packed_per_ic"]
 
 
 @torch.library.custom_op("qcompile::dequantize", mutates_args=())

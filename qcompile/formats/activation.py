@@ -39,8 +39,7 @@ from qcompile.errors import QcompileError
 
 __all__ = ["ACTIVATION_BITS", "SCALINGS", "ActivationQuantSpec", "CODE_MAX", "MIN_SCALE",
            "channel_codes", "channel_params", "code_max", "code_mid", "quantize_codes",
-           "static_params",
-           "token_params"]
+           "static_params", "token_params"]
 
 SCALINGS = ("static-tensor", "dynamic-token", "static-channel")
 CODE_MAX = 255

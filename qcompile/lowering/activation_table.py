@@ -20,8 +20,7 @@ and, per channel (``act_zero`` of shape ``[K]``, one scale)::
 
 (the zero points' product with the weights is a constant per output, folded into the bias;
 a per-axis ``QuantizeLinear`` took three times as long as the product in ONNX Runtime 1.32),
-in the float32
-operations and order of the torch reference (:func:`qcompile.ops.linear_w8a8`),
+in the float32 operations and order of the torch reference (:func:`qcompile.ops.linear_w8a8`),
 so the codes and the integer products are the same bits. The placeholder is expanded only
 after onnxscript's optimizer and ORT fusions ran: their multi-output patterns scan the whole
 graph per candidate, and a dozen nodes per linear made SmolLM2's lowering take 150 s instead
