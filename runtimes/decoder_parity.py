@@ -101,7 +101,8 @@ def decoder_parity(reference: torch.nn.Module, bundle, prompt: np.ndarray,
     noise = None
     if not strict and not passed:
         with step("stage decode in float64 (float32 rounding floor)"):
-            noise = decode_float_noise(reference, prompt, theirs, forced, their_logits, tolerance)
+            noise = decode_float_noise(reference, prompt, theirs, forced, their_logits, tolerance,
+                                       stats.top1)
         passed = bool(noise and noise["passed"])
     against = ("torch reference (greedy, same quantization)" if strict else
                "torch reference's greedy tokens, ORT teacher-forced")

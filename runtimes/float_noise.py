@@ -78,7 +78,7 @@ def float_noise_verdict(actual: np.ndarray, reference32: np.ndarray, reference64
 
 def decode_float_noise(reference: torch.nn.Module, prompt: np.ndarray, tokens: list[int],
                        runtime_steps: np.ndarray, reference_steps: np.ndarray,
-                       tolerance) -> dict | None:
+                       tolerance, top1: float) -> dict | None:
     """The float-noise verdict of the decode stage of a graph that rounds activations: the
     truth is ``reference`` in float64 scoring the prompt and its greedy ``tokens`` in one causal
     forward (each position's logits are what the cached step computes, in exact arithmetic);
@@ -86,7 +86,8 @@ def decode_float_noise(reference: torch.nn.Module, prompt: np.ndarray, tokens: l
     it as torch float32's own cached steps are. At 6-bit activations a code flip moves the
     logits four times as far as at 8 bits, so a fixed rel. L2 bound that holds at 8 bits fails
     on rounding alone; a wrong scale or code is far outside the margin. None where
-    ``reference`` is not a captured graph (it cannot be evaluated in float64)."""
+    ``reference`` is not a captured graph (it cannot be evaluated in float64). ``top1``: the
+    caller's agreement of the runtime's and the reference's steps, held to the tolerance's."""
     if not isinstance(reference, torch.fx.GraphModule) or tolerance.rel_l2 is None:
         return None
     sequence = np.concatenate([np.asarray(prompt, np.int64), np.asarray(tokens[:-1], np.int64)])
@@ -94,7 +95,6 @@ def decode_float_noise(reference: torch.nn.Module, prompt: np.ndarray, tokens: l
     truth = truth[0, len(prompt) - 1:]
     verdict = float_noise_verdict(runtime_steps, reference_steps, truth, tolerance.rel_l2,
                                   ROUNDED_NOISE_FACTOR, "rel_l2")
-    top1 = compare(runtime_steps, reference_steps).top1
     verdict["passed"] = bool(verdict["passed"] and (tolerance.top1_min is None
                                                      or top1 >= tolerance.top1_min))
     return verdict
